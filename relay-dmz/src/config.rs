@@ -1,0 +1,243 @@
+//! The DMZ node's config: raw TOML structs, then a checked [`DmzConfig`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_tunnel::config::{self as cfg, AddrRule, ConfigError};
+use relay_tunnel::protocol::ALPN_INBOUND_V1;
+use relay_tunnel::tls;
+use serde::Deserialize;
+
+/// Default `[limits]` values.
+pub mod defaults {
+    use std::time::Duration;
+    /// `limits.max_sessions`.
+    pub const MAX_SESSIONS: usize = 10_000;
+    /// `limits.handshake_timeout`.
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `limits.setup_timeout`.
+    pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+    /// `limits.idle_timeout`.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// `limits.drain_timeout`.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `tunnel.keepalive`.
+    pub const KEEPALIVE: Duration = Duration::from_secs(5);
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    tunnel: RawTunnel,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    public: RawPublic,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    listen: String,
+    cert: String,
+    key: String,
+    ca: String,
+    agents: Option<Vec<String>>,
+    keepalive: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPublic {
+    bind: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    listen_allow: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_sessions: Option<usize>,
+    handshake_timeout: Option<String>,
+    setup_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+/// A checked DMZ config: every address parsed, every file loaded.
+#[derive(Debug, Clone)]
+pub struct DmzConfig {
+    /// Where agents dial.
+    pub tunnel_listen: SocketAddr,
+    /// TLS of the tunnel listener.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Agent identities allowed; `None` admits any certificate the CA signed.
+    pub agents: Option<Vec<String>>,
+    /// PING interval; a tunnel silent for two intervals is dead.
+    pub keepalive: Duration,
+    /// Admin endpoint address.
+    pub admin_listen: Option<SocketAddr>,
+    /// Replaces the address part of every service's listen address.
+    pub public_bind: Option<IpAddr>,
+    /// Listen addresses agents may ask for.
+    pub listen_allow: Vec<AddrRule>,
+    /// Session and timeout limits.
+    pub limits: Limits,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Partner sessions in flight at most, over all services.
+    pub max_sessions: usize,
+    /// Time an agent has for the TLS handshake and its registration.
+    pub handshake_timeout: Duration,
+    /// Time an agent has to answer a new session (it connects its target meanwhile).
+    pub setup_timeout: Duration,
+    /// A session with no byte moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time in-flight sessions get to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl DmzConfig {
+    /// Reads and checks the config at `path`; relative paths are taken from its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let raw: Raw = cfg::read_toml(path)?;
+        check(raw, &cfg::base_dir(path))
+    }
+}
+
+fn duration(err: &mut ConfigError, key: &str, raw: &Option<String>, default: Duration) -> Duration {
+    match raw {
+        Some(s) => err.check(key, cfg::parse_duration(s)).unwrap_or(default),
+        None => default,
+    }
+}
+
+fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
+    let mut err = ConfigError::default();
+    let tunnel_listen = err.check(
+        "tunnel.listen",
+        raw.tunnel
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| format!("invalid socket address {:?}", raw.tunnel.listen)),
+    );
+    let creds = err.check(
+        "tunnel.cert",
+        tls::Credentials::load(
+            &cfg::resolve(base, &raw.tunnel.cert),
+            &cfg::resolve(base, &raw.tunnel.key),
+        ),
+    );
+    let roots = err.check(
+        "tunnel.ca",
+        tls::load_roots(&cfg::resolve(base, &raw.tunnel.ca)),
+    );
+    let tls = match (creds, roots) {
+        (Some(creds), Some(roots)) => err.check(
+            "tunnel.key",
+            tls::server_config(&creds, roots, &[ALPN_INBOUND_V1]),
+        ),
+        _ => None,
+    };
+    if let Some(agents) = &raw.tunnel.agents {
+        for (i, a) in agents.iter().enumerate() {
+            if a.is_empty() {
+                err.push(format_args!("tunnel.agents[{i}]"), "empty agent identity");
+            }
+        }
+    }
+    let keepalive = duration(
+        &mut err,
+        "tunnel.keepalive",
+        &raw.tunnel.keepalive,
+        defaults::KEEPALIVE,
+    );
+    let admin_listen = raw.admin.as_ref().and_then(|a| {
+        err.check(
+            "admin.listen",
+            a.listen
+                .parse::<SocketAddr>()
+                .map_err(|_| format!("invalid socket address {:?}", a.listen)),
+        )
+    });
+    let public_bind = raw.public.bind.as_ref().and_then(|b| {
+        err.check(
+            "public.bind",
+            b.parse::<IpAddr>()
+                .map_err(|_| format!("invalid IP address {b:?}")),
+        )
+    });
+    let listen_allow = raw
+        .policy
+        .listen_allow
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            err.check(
+                format_args!("policy.listen_allow[{i}]"),
+                r.parse::<AddrRule>(),
+            )
+        })
+        .collect();
+    let l = &raw.limits;
+    let max_sessions = l.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
+    if max_sessions == 0 {
+        err.push("limits.max_sessions", "must be at least 1");
+    }
+    let limits = Limits {
+        max_sessions,
+        handshake_timeout: duration(
+            &mut err,
+            "limits.handshake_timeout",
+            &l.handshake_timeout,
+            defaults::HANDSHAKE_TIMEOUT,
+        ),
+        setup_timeout: duration(
+            &mut err,
+            "limits.setup_timeout",
+            &l.setup_timeout,
+            defaults::SETUP_TIMEOUT,
+        ),
+        idle_timeout: duration(
+            &mut err,
+            "limits.idle_timeout",
+            &l.idle_timeout,
+            defaults::IDLE_TIMEOUT,
+        ),
+        drain_timeout: duration(
+            &mut err,
+            "limits.drain_timeout",
+            &l.drain_timeout,
+            defaults::DRAIN_TIMEOUT,
+        ),
+    };
+    err.into_result(|| DmzConfig {
+        tunnel_listen: tunnel_listen.expect("checked"),
+        tls: tls.expect("checked"),
+        agents: raw.tunnel.agents,
+        keepalive,
+        admin_listen,
+        public_bind,
+        listen_allow,
+        limits,
+    })
+}

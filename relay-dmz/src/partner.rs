@@ -1,0 +1,205 @@
+//! Public side: the accept loop of a service and the inbound session of each partner.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::RecvStream;
+use http::{Method, Request, StatusCode};
+use relay_tunnel::metrics as m;
+use relay_tunnel::protocol::{self, HEADER_REASON, Refusal, SessionMeta};
+use relay_tunnel::pump::{self, PumpCounters, PumpError};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::Node;
+use crate::registry::{Carrier, PublicListener};
+
+/// Pause after an accept error (such as running out of file descriptors).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Accepts partners on a service's sockets until the listener closes.
+pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = listener.closed.cancelled() => return,
+            r = poll_fn(|cx| listener.poll_accept(cx)) => r,
+        };
+        match accepted {
+            None => return,
+            Some(Ok((stream, partner))) => {
+                let node2 = node.clone();
+                let service = listener.service.clone();
+                let allow = listener.allow();
+                let session_id = protocol::new_session_id();
+                let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::INBOUND, %partner);
+                node.sessions.spawn(
+                    async move {
+                        let outcome = admit_and_relay(&node2, stream, partner, &service, &allow, session_id).await;
+                        metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::INBOUND, "result" => outcome).increment(1);
+                    }
+                    .instrument(span),
+                );
+            }
+            Some(Err(e)) => {
+                tracing::warn!(service = %listener.service, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Runs one partner session; returns its result label.
+async fn admit_and_relay(
+    node: &Node,
+    partner_stream: TcpStream,
+    partner: SocketAddr,
+    service: &str,
+    allow: &[ipnet::IpNet],
+    session: String,
+) -> &'static str {
+    let accepted_at = Instant::now();
+    if !allow.is_empty() && !allow.iter().any(|net| net.contains(&partner.ip())) {
+        metrics::counter!(m::REJECTIONS, "reason" => "source_denied").increment(1);
+        tracing::debug!("partner source not in the service's allow list: closed");
+        return "source_denied";
+    }
+    let Ok(_permit) = node.session_limit.clone().try_acquire_owned() else {
+        metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
+        tracing::debug!("session limit reached: closed");
+        return "limit";
+    };
+    let _ = partner_stream.set_nodelay(true);
+    let local = match partner_stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return "reset",
+    };
+    let meta = SessionMeta {
+        partner,
+        local,
+        session,
+    };
+
+    let mut last_refusal = None;
+    for carrier in node.registry.candidates(service) {
+        match tokio::time::timeout(node.limits.setup_timeout, open(&carrier, service, &meta)).await
+        {
+            Ok(Ok((send, recv))) => {
+                metrics::histogram!(m::SESSION_SETUP, "direction" => m::INBOUND)
+                    .record(accepted_at.elapsed().as_secs_f64());
+                return relay(node, &carrier, service, partner_stream, send, recv).await;
+            }
+            Ok(Err(OpenError::Refused(refusal, reason))) => {
+                tracing::debug!(agent = %carrier.agent, ?refusal, %reason, "agent refused the session; trying the next");
+                last_refusal = Some(refusal);
+            }
+            Ok(Err(OpenError::Tunnel(e))) => {
+                tracing::debug!(agent = %carrier.agent, error = %e, "tunnel failed opening the session; trying the next");
+            }
+            Err(_) => {
+                tracing::debug!(agent = %carrier.agent, "agent did not answer in time; trying the next");
+                last_refusal = Some(Refusal::TargetTimeout);
+            }
+        }
+    }
+    let label = match last_refusal {
+        None => "no_agent",
+        Some(Refusal::TargetRefused) => "target_refused",
+        Some(Refusal::TargetTimeout) => "target_timeout",
+        Some(_) => "error",
+    };
+    tracing::info!(
+        result = label,
+        "no agent could serve the session: partner closed"
+    );
+    label
+}
+
+enum OpenError {
+    Refused(Refusal, String),
+    Tunnel(h2::Error),
+}
+
+/// Opens a session stream on `carrier` and waits for the agent's answer.
+async fn open(
+    carrier: &Carrier,
+    service: &str,
+    meta: &SessionMeta,
+) -> Result<(h2::SendStream<Bytes>, RecvStream), OpenError> {
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(protocol::session_authority(service, meta.local.port()))
+        .body(())
+        .expect("a service name and a port form a valid authority");
+    meta.to_headers(req.headers_mut());
+    let mut send_request = carrier
+        .send
+        .clone()
+        .ready()
+        .await
+        .map_err(OpenError::Tunnel)?;
+    let (response, mut send) = send_request
+        .send_request(req, false)
+        .map_err(OpenError::Tunnel)?;
+    let response = response.await.map_err(OpenError::Tunnel)?;
+    if response.status() == StatusCode::OK {
+        return Ok((send, response.into_body()));
+    }
+    send.send_reset(h2::Reason::CANCEL);
+    let reason = response
+        .headers()
+        .get(HEADER_REASON)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let refusal = Refusal::from_status(response.status()).unwrap_or(Refusal::BadRequest);
+    Err(OpenError::Refused(refusal, reason))
+}
+
+async fn relay(
+    node: &Node,
+    carrier: &Carrier,
+    service: &str,
+    partner: TcpStream,
+    send: h2::SendStream<Bytes>,
+    recv: RecvStream,
+) -> &'static str {
+    carrier.active.fetch_add(1, Ordering::Relaxed);
+    let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::INBOUND);
+    active.increment(1.0);
+    let counters = PumpCounters {
+        to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
+        to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
+    };
+    let started = Instant::now();
+    let (moved, result) = pump::pump(
+        partner,
+        send,
+        recv,
+        &counters,
+        node.limits.idle_timeout,
+        &node.sessions_cancel,
+    )
+    .await;
+    active.decrement(1.0);
+    carrier.active.fetch_sub(1, Ordering::Relaxed);
+    metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());
+    let label = match &result {
+        Ok(()) => "ok",
+        Err(PumpError::Stopped) => "drain_timeout",
+        Err(PumpError::Idle(_)) => "idle",
+        Err(_) => "reset",
+    };
+    match result {
+        Ok(()) => {
+            tracing::debug!(agent = %carrier.agent, up = moved.to_stream, down = moved.to_socket, "session closed")
+        }
+        Err(e) => {
+            tracing::debug!(agent = %carrier.agent, up = moved.to_stream, down = moved.to_socket, error = %e, "session ended")
+        }
+    }
+    label
+}

@@ -1,0 +1,373 @@
+//! The agent registry and listener gating: which agent tunnels serve which service, and the
+//! public listeners that exist only while at least one of them is connected.
+//!
+//! Registration is two-step so a listener never accepts before a tunnel can carry its
+//! sessions: [`Registry::reserve`] checks the declared services and binds new listeners (the
+//! kernel queues early partners in the backlog), then [`Registry::activate`] adds the tunnel
+//! once its HTTP/2 connection is up, and the caller starts accepting. Closing is synchronous:
+//! when the last tunnel of a service goes, its sockets are closed before `remove` returns, so
+//! a partner's connect is refused at once and an agent that comes back can bind again.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use relay_tunnel::config::{AddrRule, ListenSpec};
+use relay_tunnel::metrics as m;
+use relay_tunnel::net::bind_reuse;
+use relay_tunnel::protocol::{self, Registration, RegistrationAnswer, ServiceDecl, ServiceVerdict};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// One tunnel connection of an agent that has registered.
+#[derive(Debug)]
+pub struct Carrier {
+    /// Unique id of this tunnel connection.
+    pub id: u64,
+    /// The agent identity from its certificate.
+    pub agent: String,
+    /// The agent process's instance id.
+    pub instance: String,
+    /// Opens session streams on this tunnel.
+    pub send: h2::client::SendRequest<Bytes>,
+    /// Sessions this tunnel carries now.
+    pub active: AtomicUsize,
+}
+
+/// The bound public sockets of one service, shared by its accept loop and the registry.
+#[derive(Debug)]
+pub struct PublicListener {
+    /// The service name.
+    pub service: String,
+    /// First public port of the service, to map ports of a range.
+    sockets: Mutex<Option<Vec<TcpListener>>>,
+    next: AtomicUsize,
+    /// Cancelled when the listener closes, to wake its accept loop.
+    pub closed: CancellationToken,
+    /// The partner source networks allowed; empty admits any.
+    allow: Mutex<Arc<Vec<IpNet>>>,
+}
+
+impl PublicListener {
+    /// Polls every socket of the service for a partner connection, fairly.
+    /// `Ready(None)` once the listener is closed.
+    pub fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<(TcpStream, SocketAddr)>>> {
+        let guard = lock(&self.sockets);
+        let Some(sockets) = guard.as_ref() else {
+            return Poll::Ready(None);
+        };
+        let start = self.next.load(Ordering::Relaxed);
+        for i in 0..sockets.len() {
+            let idx = (start + i) % sockets.len();
+            if let Poll::Ready(r) = sockets[idx].poll_accept(cx) {
+                self.next.store(idx + 1, Ordering::Relaxed);
+                return Poll::Ready(Some(r));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// The partner networks allowed now.
+    pub fn allow(&self) -> Arc<Vec<IpNet>> {
+        lock(&self.allow).clone()
+    }
+
+    fn close(&self) {
+        // Dropping the sockets closes them now; the accept loop notices through `closed`.
+        lock(&self.sockets).take();
+        self.closed.cancel();
+        metrics::gauge!(m::LISTENER_OPEN, "service" => self.service.clone()).set(0.0);
+    }
+}
+
+struct Service {
+    spec: ListenSpec,
+    bind_ip: IpAddr,
+    carriers: Vec<Arc<Carrier>>,
+    pending: usize,
+    listener: Arc<PublicListener>,
+    accepting: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    services: HashMap<String, Service>,
+    carrier_services: HashMap<u64, Vec<String>>,
+    rr: usize,
+    closed: bool,
+}
+
+/// Services, the tunnels serving them, and their public listeners.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    public_bind: Option<IpAddr>,
+    listen_allow: Vec<AddrRule>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves consistent data (every update is one step).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Services accepted for a tunnel that is not yet carrying sessions. Dropping it without
+/// [`Registry::activate`] gives the services back.
+pub struct Reservation {
+    registry: Arc<Registry>,
+    services: Vec<String>,
+    active: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.active {
+            return;
+        }
+        let mut inner = lock(&self.registry.inner);
+        for name in &self.services {
+            if let Some(s) = inner.services.get_mut(name) {
+                s.pending -= 1;
+            }
+            close_if_unused(&mut inner, name);
+        }
+    }
+}
+
+fn close_if_unused(inner: &mut Inner, name: &str) {
+    let unused = inner
+        .services
+        .get(name)
+        .is_some_and(|s| s.carriers.is_empty() && s.pending == 0);
+    if unused && let Some(s) = inner.services.remove(name) {
+        s.listener.close();
+        tracing::info!(service = name, listen = %s.spec, "last agent gone: public listener closed");
+    }
+}
+
+impl Registry {
+    /// An empty registry for a node binding `public_bind` (when set) under `listen_allow`.
+    pub fn new(public_bind: Option<IpAddr>, listen_allow: Vec<AddrRule>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::default(),
+            public_bind,
+            listen_allow,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// A new tunnel id.
+    pub fn next_carrier_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Checks each declared service, binds the listeners of services not yet open, and holds
+    /// the accepted ones for this tunnel.
+    pub fn reserve(
+        self: &Arc<Self>,
+        agent: &str,
+        reg: &Registration,
+    ) -> (RegistrationAnswer, Reservation) {
+        let mut inner = lock(&self.inner);
+        let mut verdicts = Vec::with_capacity(reg.services.len());
+        let mut accepted = Vec::new();
+        for (i, decl) in reg.services.iter().enumerate() {
+            let duplicate = reg.services[..i].iter().any(|d| d.name == decl.name);
+            let verdict = if duplicate {
+                Err(format!("service {:?} is declared twice", decl.name))
+            } else if inner.closed {
+                Err("the DMZ node is shutting down".to_owned())
+            } else {
+                self.admit(&mut inner, agent, decl)
+            };
+            match verdict {
+                Ok(()) => {
+                    accepted.push(decl.name.clone());
+                    verdicts.push(ServiceVerdict {
+                        name: decl.name.clone(),
+                        accepted: true,
+                        reason: None,
+                    });
+                }
+                Err(reason) => verdicts.push(ServiceVerdict {
+                    name: decl.name.clone(),
+                    accepted: false,
+                    reason: Some(reason),
+                }),
+            }
+        }
+        let reservation = Reservation {
+            registry: self.clone(),
+            services: accepted,
+            active: false,
+        };
+        (RegistrationAnswer { services: verdicts }, reservation)
+    }
+
+    fn admit(&self, inner: &mut Inner, agent: &str, decl: &ServiceDecl) -> Result<(), String> {
+        if !protocol::valid_service_name(&decl.name) {
+            return Err(format!(
+                "invalid service name {:?}: a letter, then letters, digits, '.', '_' or '-', 64 at most",
+                decl.name
+            ));
+        }
+        let spec: ListenSpec = decl.listen.parse()?;
+        if decl.accept_proxy {
+            return Err(
+                "accept_proxy: this DMZ version does not accept PROXY protocol headers".into(),
+            );
+        }
+        let allow = decl
+            .allow
+            .iter()
+            .map(|a| {
+                a.parse::<IpNet>()
+                    .or_else(|_| a.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("allow: invalid network {a:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !self.listen_allow.iter().any(|rule| rule.covers(&spec)) {
+            return Err(format!(
+                "listen address {spec} is not allowed by policy.listen_allow"
+            ));
+        }
+        if let Some(existing) = inner.services.get_mut(&decl.name) {
+            if existing.spec != spec {
+                let agents: Vec<&str> =
+                    existing.carriers.iter().map(|c| c.agent.as_str()).collect();
+                return Err(format!(
+                    "service {:?} is already served on {} (agents {:?}); this declaration asks for {spec}",
+                    decl.name, existing.spec, agents
+                ));
+            }
+            existing.pending += 1;
+            *lock(&existing.listener.allow) = Arc::new(allow);
+            return Ok(());
+        }
+        let bind_ip = self.public_bind.unwrap_or(spec.ip);
+        for (name, other) in &inner.services {
+            let same_ip = other.bind_ip == bind_ip
+                || other.bind_ip.is_unspecified()
+                || bind_ip.is_unspecified();
+            if same_ip && other.spec.ports.overlaps(&spec.ports) {
+                return Err(format!(
+                    "ports {} overlap service {name:?} on {}",
+                    spec.ports, other.spec
+                ));
+            }
+        }
+        let sockets = spec
+            .addrs(Some(bind_ip))
+            .map(|addr| bind_reuse(addr).map_err(|e| format!("cannot bind {addr}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(service = %decl.name, listen = %spec, bind = %bind_ip, agent, "public listener bound");
+        let listener = Arc::new(PublicListener {
+            service: decl.name.clone(),
+            sockets: Mutex::new(Some(sockets)),
+            next: AtomicUsize::new(0),
+            closed: CancellationToken::new(),
+            allow: Mutex::new(Arc::new(allow)),
+        });
+        inner.services.insert(
+            decl.name.clone(),
+            Service {
+                spec,
+                bind_ip,
+                carriers: Vec::new(),
+                pending: 1,
+                listener,
+                accepting: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Adds a tunnel to the services it reserved; returns the listeners whose accept loops the
+    /// caller must start now.
+    pub fn activate(
+        &self,
+        mut reservation: Reservation,
+        carrier: &Arc<Carrier>,
+    ) -> Vec<Arc<PublicListener>> {
+        let mut inner = lock(&self.inner);
+        reservation.active = true;
+        let mut start = Vec::new();
+        for name in &reservation.services {
+            let Some(s) = inner.services.get_mut(name) else {
+                continue;
+            };
+            s.pending -= 1;
+            s.carriers.push(carrier.clone());
+            if !s.accepting {
+                s.accepting = true;
+                metrics::gauge!(m::LISTENER_OPEN, "service" => name.clone()).set(1.0);
+                start.push(s.listener.clone());
+            }
+        }
+        inner
+            .carrier_services
+            .insert(carrier.id, std::mem::take(&mut reservation.services));
+        start
+    }
+
+    /// Removes a tunnel; closes the listeners it was the last to serve.
+    pub fn remove(&self, carrier: &Carrier) {
+        let mut inner = lock(&self.inner);
+        let Some(names) = inner.carrier_services.remove(&carrier.id) else {
+            return;
+        };
+        for name in &names {
+            if let Some(s) = inner.services.get_mut(name) {
+                s.carriers.retain(|c| c.id != carrier.id);
+            }
+            close_if_unused(&mut inner, name);
+        }
+    }
+
+    /// The tunnels to try for a new session of `service`, best first: the least busy tunnel of
+    /// each agent process, processes ordered by load, ties taken round robin.
+    pub fn candidates(&self, service: &str) -> Vec<Arc<Carrier>> {
+        let mut inner = lock(&self.inner);
+        inner.rr = inner.rr.wrapping_add(1);
+        let rr = inner.rr;
+        let Some(s) = inner.services.get(service) else {
+            return Vec::new();
+        };
+        let n = s.carriers.len();
+        let mut ordered: Vec<Arc<Carrier>> = (0..n)
+            .map(|i| s.carriers[(rr + i) % n.max(1)].clone())
+            .collect();
+        ordered.sort_by_key(|c| c.active.load(Ordering::Relaxed));
+        let mut seen = Vec::new();
+        ordered.retain(|c| {
+            let first = !seen.contains(&c.instance);
+            if first {
+                seen.push(c.instance.clone());
+            }
+            first
+        });
+        ordered
+    }
+
+    /// How many tunnels are registered.
+    pub fn tunnels(&self) -> usize {
+        lock(&self.inner).carrier_services.len()
+    }
+
+    /// Closes every public listener and refuses new registrations (shutdown).
+    pub fn close_all(&self) {
+        let mut inner = lock(&self.inner);
+        inner.closed = true;
+        for (name, s) in inner.services.drain() {
+            s.listener.close();
+            tracing::info!(service = %name, "shutting down: public listener closed");
+        }
+    }
+}

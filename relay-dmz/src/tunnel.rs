@@ -1,0 +1,194 @@
+//! Tunnel side: authenticate an agent's connection, take its registration, then drive the
+//! reverse HTTP/2 connection (the DMZ is the client) until it ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use relay_tunnel::keepalive;
+use relay_tunnel::metrics as m;
+use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, Registration};
+use relay_tunnel::{h2conf, tls};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::Node;
+use crate::partner;
+use crate::registry::Carrier;
+
+/// Why an agent connection was refused before it became a tunnel.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake not finished within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    #[error("no ALPN or unknown ALPN {0:?}; expected {alpn:?}", alpn = String::from_utf8_lossy(ALPN_INBOUND_V1))]
+    Alpn(Option<String>),
+    #[error("certificate has no DNS or URI subject alternative name")]
+    NoIdentity,
+    #[error("agent identity {0:?} is not in tunnel.agents")]
+    UnknownAgent(String),
+    #[error("registration: {0}")]
+    Registration(String),
+}
+
+impl Refused {
+    fn label(&self) -> &'static str {
+        match self {
+            Refused::Handshake(_) | Refused::HandshakeTimeout(_) => "tls_handshake",
+            Refused::Alpn(_) => "bad_alpn",
+            Refused::NoIdentity | Refused::UnknownAgent(_) => "unknown_agent",
+            Refused::Registration(_) => "registration",
+        }
+    }
+}
+
+/// Serves one agent connection from accept to close.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
+    let started = Instant::now();
+    let _ = stream.set_nodelay(true);
+    let (mut tls_stream, agent) = match authenticate(stream, &node).await {
+        Ok(ok) => ok,
+        Err(refused) => {
+            metrics::counter!(m::REJECTIONS, "reason" => refused.label()).increment(1);
+            metrics::counter!(m::TUNNEL_CONNECTS, "result" => refused.label()).increment(1);
+            tracing::warn!(%peer, reason = %refused, "agent connection refused");
+            return;
+        }
+    };
+    let span = tracing::info_span!("tunnel", agent = %agent, %peer);
+    let _enter = span.enter();
+    drop(_enter);
+    let remaining = node
+        .tunnel
+        .handshake_timeout
+        .saturating_sub(started.elapsed());
+    let registration = match tokio::time::timeout(
+        remaining,
+        protocol::read_message::<Registration, _>(&mut tls_stream),
+    )
+    .await
+    {
+        Ok(Ok(reg)) => reg,
+        Ok(Err(e)) => return refuse_registration(&span, peer, e.to_string()),
+        Err(_) => {
+            return refuse_registration(
+                &span,
+                peer,
+                format!("not received within {:?}", node.tunnel.handshake_timeout),
+            );
+        }
+    };
+    let (answer, reservation) = node.registry.reserve(&agent, &registration);
+    for v in &answer.services {
+        let result = if v.accepted { "accepted" } else { "rejected" };
+        metrics::counter!(m::REGISTRATIONS, "result" => result).increment(1);
+        if let Some(reason) = &v.reason {
+            span.in_scope(|| tracing::warn!(service = %v.name, %reason, "service rejected"));
+        }
+    }
+    let write = protocol::write_message(&mut tls_stream, &answer);
+    match tokio::time::timeout(node.tunnel.handshake_timeout, write).await {
+        Ok(Ok(())) => {}
+        _ => {
+            return refuse_registration(
+                &span,
+                peer,
+                "could not send the registration answer".into(),
+            );
+        }
+    }
+    let (send, mut connection) = match h2conf::client()
+        .handshake::<_, bytes::Bytes>(tls_stream)
+        .await
+    {
+        Ok(pair) => pair,
+        Err(e) => return refuse_registration(&span, peer, format!("HTTP/2 handshake: {e}")),
+    };
+    let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
+    let carrier = Arc::new(Carrier {
+        id: node.registry.next_carrier_id(),
+        agent: agent.clone(),
+        instance: registration.instance.clone(),
+        send,
+        active: Default::default(),
+    });
+    let guard = CarrierGuard {
+        node: &node,
+        carrier: &carrier,
+    };
+    for listener in node.registry.activate(reservation, &carrier) {
+        node.listeners.spawn(partner::serve(listener, node.clone()));
+    }
+    metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
+    let connected = metrics::gauge!(m::TUNNELS_CONNECTED, "agent" => agent.clone());
+    connected.increment(1.0);
+    let services: Vec<&str> = answer
+        .services
+        .iter()
+        .filter(|v| v.accepted)
+        .map(|v| v.name.as_str())
+        .collect();
+    span.in_scope(
+        || tracing::info!(instance = %registration.instance, ?services, "agent tunnel up"),
+    );
+
+    let rtt = metrics::histogram!(m::TUNNEL_RTT);
+    let ended = tokio::select! {
+        r = &mut connection => match r {
+            Ok(()) => "closed by the agent".to_owned(),
+            Err(e) => format!("connection failed: {e}"),
+        },
+        e = keepalive::run(ping_pong, node.tunnel.keepalive, rtt) => e.to_string(),
+        _ = node.tunnels_cancel.cancelled() => "node shutting down".to_owned(),
+    };
+    drop(guard);
+    connected.decrement(1.0);
+    span.in_scope(|| tracing::info!(reason = %ended, "agent tunnel down"));
+}
+
+fn refuse_registration(span: &tracing::Span, peer: SocketAddr, reason: String) {
+    let refused = Refused::Registration(reason);
+    metrics::counter!(m::REJECTIONS, "reason" => refused.label()).increment(1);
+    metrics::counter!(m::TUNNEL_CONNECTS, "result" => refused.label()).increment(1);
+    span.in_scope(|| tracing::warn!(%peer, reason = %refused, "agent connection refused"));
+}
+
+/// Takes the tunnel out of the registry however the task ends, closing listeners it was the
+/// last to serve.
+struct CarrierGuard<'a> {
+    node: &'a Node,
+    carrier: &'a Carrier,
+}
+
+impl Drop for CarrierGuard<'_> {
+    fn drop(&mut self) {
+        self.node.registry.remove(self.carrier);
+    }
+}
+
+async fn authenticate(
+    stream: TcpStream,
+    node: &Node,
+) -> Result<(TlsStream<TcpStream>, String), Refused> {
+    let t = &node.tunnel;
+    let tls_stream = tokio::time::timeout(t.handshake_timeout, t.acceptor.accept(stream))
+        .await
+        .map_err(|_| Refused::HandshakeTimeout(t.handshake_timeout))?
+        .map_err(Refused::Handshake)?;
+    let (_, conn) = tls_stream.get_ref();
+    if conn.alpn_protocol() != Some(ALPN_INBOUND_V1) {
+        return Err(Refused::Alpn(
+            conn.alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+        ));
+    }
+    let agent = tls::peer_identity(conn).ok_or(Refused::NoIdentity)?;
+    if let Some(allowed) = &t.agents
+        && !allowed.iter().any(|a| a == &agent)
+    {
+        return Err(Refused::UnknownAgent(agent));
+    }
+    Ok((tls_stream, agent))
+}

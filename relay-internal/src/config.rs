@@ -1,0 +1,325 @@
+//! The agent's config: raw TOML structs, then a checked [`AgentConfig`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_tunnel::config::{self as cfg, ConfigError, ListenSpec, TargetSpec};
+use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ServiceDecl};
+use relay_tunnel::tls;
+use rustls::pki_types::ServerName;
+use serde::Deserialize;
+
+/// Default values of optional keys.
+pub mod defaults {
+    use std::time::Duration;
+    /// `connections`.
+    pub const CONNECTIONS: usize = 2;
+    /// `keepalive`.
+    pub const KEEPALIVE: Duration = Duration::from_secs(5);
+    /// `limits.max_sessions`.
+    pub const MAX_SESSIONS: usize = 10_000;
+    /// `limits.connect_timeout`.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `limits.idle_timeout`.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// `limits.drain_timeout`.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
+/// Most tunnel connections per DMZ node.
+const MAX_CONNECTIONS: usize = 16;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    dmz: Vec<String>,
+    server_name: Option<String>,
+    connections: Option<usize>,
+    keepalive: Option<String>,
+    tls: RawTls,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    inbound: Vec<RawInbound>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_sessions: Option<usize>,
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    name: String,
+    listen: String,
+    target: String,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    accept_proxy: bool,
+}
+
+/// A DMZ node to dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmzNode {
+    /// `host:port` as configured; also the node's name in logs and metrics.
+    pub addr: String,
+    /// The name the node's certificate must carry.
+    pub server_name: ServerName<'static>,
+}
+
+/// An `[[inbound]]` service: partners reach `listen` on the DMZ, the agent connects `target`.
+#[derive(Debug, Clone)]
+pub struct InboundService {
+    /// Service name.
+    pub name: String,
+    /// Public listen address on the DMZ nodes.
+    pub listen: ListenSpec,
+    /// Where sessions go; a range maps port for port.
+    pub target: TargetSpec,
+    /// Partner networks allowed, as declared to the DMZ.
+    pub allow: Vec<String>,
+    /// Whether the DMZ expects a PROXY header on this port.
+    pub accept_proxy: bool,
+}
+
+impl InboundService {
+    /// The declaration pushed to the DMZ.
+    pub fn decl(&self) -> ServiceDecl {
+        ServiceDecl {
+            name: self.name.clone(),
+            listen: self.listen.to_string(),
+            allow: self.allow.clone(),
+            accept_proxy: self.accept_proxy,
+        }
+    }
+}
+
+/// `[limits]` of the agent.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sessions in flight at most.
+    pub max_sessions: usize,
+    /// Time to connect a target, and to connect and register with a DMZ node.
+    pub connect_timeout: Duration,
+    /// A session with no byte moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time in-flight sessions get to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// A checked agent config.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// DMZ nodes, each dialed.
+    pub dmz: Vec<DmzNode>,
+    /// Tunnel connections per node.
+    pub connections: usize,
+    /// PING interval; a tunnel silent for two intervals is dead.
+    pub keepalive: Duration,
+    /// TLS of the dialer.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Admin endpoint address.
+    pub admin_listen: Option<SocketAddr>,
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// Inbound services.
+    pub inbound: Vec<InboundService>,
+}
+
+impl AgentConfig {
+    /// Reads and checks the config at `path`; relative paths are taken from its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let raw: Raw = cfg::read_toml(path)?;
+        check(raw, &cfg::base_dir(path))
+    }
+}
+
+fn duration(err: &mut ConfigError, key: &str, raw: &Option<String>, default: Duration) -> Duration {
+    match raw {
+        Some(s) => err.check(key, cfg::parse_duration(s)).unwrap_or(default),
+        None => default,
+    }
+}
+
+fn server_name(s: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(s.to_owned()).map_err(|_| format!("invalid server name {s:?}"))
+}
+
+fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
+    let mut err = ConfigError::default();
+    if raw.dmz.is_empty() {
+        err.push("dmz", "at least one DMZ node address is required");
+    }
+    let explicit_name = raw
+        .server_name
+        .as_ref()
+        .and_then(|s| err.check("server_name", server_name(s)));
+    let mut dmz = Vec::new();
+    for (i, addr) in raw.dmz.iter().enumerate() {
+        let key = format!("dmz[{i}]");
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            err.push(
+                &key,
+                format!("invalid address {addr:?} (expected HOST:PORT)"),
+            );
+            continue;
+        };
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            err.push(
+                &key,
+                format!("invalid address {addr:?} (expected HOST:PORT)"),
+            );
+            continue;
+        }
+        if dmz.iter().any(|n: &DmzNode| &n.addr == addr) {
+            err.push(&key, format!("{addr:?} is listed twice"));
+            continue;
+        }
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = match &explicit_name {
+            Some(n) => Some(n.clone()),
+            None => err.check(
+                &key,
+                server_name(host).map_err(|e| format!("{e}; set server_name")),
+            ),
+        };
+        if let Some(server_name) = name {
+            dmz.push(DmzNode {
+                addr: addr.clone(),
+                server_name,
+            });
+        }
+    }
+    let connections = raw.connections.unwrap_or(defaults::CONNECTIONS);
+    if !(1..=MAX_CONNECTIONS).contains(&connections) {
+        err.push(
+            "connections",
+            format!("must be between 1 and {MAX_CONNECTIONS}"),
+        );
+    }
+    let keepalive = duration(&mut err, "keepalive", &raw.keepalive, defaults::KEEPALIVE);
+    let creds = err.check(
+        "tls.cert",
+        tls::Credentials::load(
+            &cfg::resolve(base, &raw.tls.cert),
+            &cfg::resolve(base, &raw.tls.key),
+        ),
+    );
+    let roots = err.check("tls.ca", tls::load_roots(&cfg::resolve(base, &raw.tls.ca)));
+    let tls = match (creds, roots) {
+        (Some(creds), Some(roots)) => err.check(
+            "tls.key",
+            tls::client_config(&creds, roots, &[ALPN_INBOUND_V1]),
+        ),
+        _ => None,
+    };
+    let admin_listen = raw.admin.as_ref().and_then(|a| {
+        err.check(
+            "admin.listen",
+            a.listen
+                .parse::<SocketAddr>()
+                .map_err(|_| format!("invalid socket address {:?}", a.listen)),
+        )
+    });
+    let l = &raw.limits;
+    let max_sessions = l.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
+    if max_sessions == 0 {
+        err.push("limits.max_sessions", "must be at least 1");
+    }
+    let limits = Limits {
+        max_sessions,
+        connect_timeout: duration(
+            &mut err,
+            "limits.connect_timeout",
+            &l.connect_timeout,
+            defaults::CONNECT_TIMEOUT,
+        ),
+        idle_timeout: duration(
+            &mut err,
+            "limits.idle_timeout",
+            &l.idle_timeout,
+            defaults::IDLE_TIMEOUT,
+        ),
+        drain_timeout: duration(
+            &mut err,
+            "limits.drain_timeout",
+            &l.drain_timeout,
+            defaults::DRAIN_TIMEOUT,
+        ),
+    };
+    let mut names = HashSet::new();
+    let mut inbound = Vec::new();
+    for (i, s) in raw.inbound.iter().enumerate() {
+        let key = |field: &str| format!("inbound[{i}].{field}");
+        if !protocol::valid_service_name(&s.name) {
+            err.push(
+                key("name"),
+                format!("invalid service name {:?}: a letter, then letters, digits, '.', '_' or '-', 64 at most", s.name),
+            );
+        } else if !names.insert(s.name.clone()) {
+            err.push(
+                key("name"),
+                format!("service {:?} is declared twice", s.name),
+            );
+        }
+        let listen = err.check(key("listen"), s.listen.parse::<ListenSpec>());
+        let target = err.check(key("target"), s.target.parse::<TargetSpec>());
+        if let (Some(l), Some(t)) = (&listen, &target)
+            && l.ports.len() != t.ports.len()
+        {
+            err.push(
+                key("target"),
+                format!(
+                    "port range {} has {} ports but listen {} has {}",
+                    t.ports,
+                    t.ports.len(),
+                    l.ports,
+                    l.ports.len()
+                ),
+            );
+        }
+        cfg::parse_networks(&mut err, &key("allow"), &s.allow);
+        if let (Some(listen), Some(target)) = (listen, target) {
+            inbound.push(InboundService {
+                name: s.name.clone(),
+                listen,
+                target,
+                allow: s.allow.clone(),
+                accept_proxy: s.accept_proxy,
+            });
+        }
+    }
+    err.into_result(|| AgentConfig {
+        dmz,
+        connections,
+        keepalive,
+        tls: tls.expect("checked"),
+        admin_listen,
+        limits,
+        inbound,
+    })
+}

@@ -1,0 +1,170 @@
+//! The agent's tunnels: dial a DMZ node, register, serve its streams, and reconnect with
+//! exponential backoff and full jitter, forever.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_tunnel::backoff::Backoff;
+use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, RegistrationAnswer};
+use relay_tunnel::{h2conf, keepalive, metrics as m};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::Agent;
+use crate::config::DmzNode;
+use crate::inbound;
+
+/// First reconnect delays are drawn from `[0, BACKOFF_BASE]`, so the first retry comes within 1 s.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Reconnect delays never exceed this.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Why a tunnel attempt failed or ended.
+#[derive(Debug, thiserror::Error)]
+enum TunnelError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect: no answer within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error(
+        "DMZ did not agree on ALPN {:?}",
+        String::from_utf8_lossy(ALPN_INBOUND_V1)
+    )]
+    Alpn,
+    #[error("registration: {0}")]
+    Registration(String),
+    #[error("HTTP/2: {0}")]
+    Http2(h2::Error),
+}
+
+/// Keeps tunnel connection `index` to `node` up until the agent stops.
+pub async fn maintain(agent: Arc<Agent>, node: DmzNode, index: usize) {
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+    let mut last_failure: Option<String> = None;
+    let reconnects = metrics::counter!(m::TUNNEL_RECONNECTS, "dmz" => node.addr.clone());
+    let mut was_up = false;
+    loop {
+        let span = tracing::info_span!("tunnel", dmz = %node.addr, conn = index);
+        let result = connect_and_serve(&agent, &node, index, &mut was_up)
+            .instrument(span.clone())
+            .await;
+        if agent.stop_tunnels.is_cancelled() {
+            return;
+        }
+        match result {
+            Ok(reason) => {
+                backoff.reset();
+                last_failure = None;
+                span.in_scope(|| tracing::warn!(%reason, "tunnel lost; reconnecting"));
+            }
+            Err(e) => {
+                metrics::counter!(m::TUNNEL_CONNECTS, "result" => "error").increment(1);
+                let text = e.to_string();
+                if last_failure.as_deref() != Some(text.as_str()) {
+                    span.in_scope(|| tracing::warn!(error = %text, "cannot establish tunnel; retrying with backoff"));
+                    last_failure = Some(text);
+                } else {
+                    span.in_scope(
+                        || tracing::debug!(error = %text, "cannot establish tunnel (same reason)"),
+                    );
+                }
+            }
+        }
+        if was_up {
+            reconnects.increment(1);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = agent.stop_tunnels.cancelled() => return,
+        }
+    }
+}
+
+/// One tunnel from dial to end. `Ok` carries why an established tunnel ended.
+async fn connect_and_serve(
+    agent: &Arc<Agent>,
+    node: &DmzNode,
+    index: usize,
+    was_up: &mut bool,
+) -> Result<String, TunnelError> {
+    let timeout = agent.limits.connect_timeout;
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(node.addr.as_str()))
+        .await
+        .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+        .map_err(TunnelError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let mut tls = tokio::time::timeout(
+        timeout,
+        agent.connector.connect(node.server_name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+    .map_err(TunnelError::Tls)?;
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_INBOUND_V1) {
+        return Err(TunnelError::Alpn);
+    }
+    let exchange = async {
+        protocol::write_message(&mut tls, &agent.registration).await?;
+        protocol::read_message::<RegistrationAnswer, _>(&mut tls)
+            .await
+            .map_err(std::io::Error::other)
+    };
+    let answer = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| TunnelError::Registration(format!("no answer within {timeout:?}")))?
+        .map_err(|e| TunnelError::Registration(e.to_string()))?;
+    report_verdicts(&answer, index);
+    let mut connection =
+        tokio::time::timeout(timeout, h2conf::server().handshake::<_, bytes::Bytes>(tls))
+            .await
+            .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+            .map_err(TunnelError::Http2)?;
+    let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
+
+    metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
+    let _up = agent.tunnel_up(&node.addr);
+    *was_up = true;
+    tracing::info!("tunnel up");
+
+    let rtt = metrics::histogram!(m::TUNNEL_RTT);
+    let keepalive = keepalive::run(ping_pong, agent.keepalive, rtt);
+    tokio::pin!(keepalive);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    let agent2 = agent.clone();
+                    let dmz = node.addr.clone();
+                    agent.sessions.spawn(async move { inbound::serve(agent2, dmz, request, respond).await });
+                }
+                Some(Err(e)) => return Ok(format!("connection failed: {e}")),
+                None => return Ok("closed by the DMZ".into()),
+            },
+            e = &mut keepalive, if !draining => return Ok(e.to_string()),
+            _ = agent.drain.cancelled(), if !draining => {
+                // GOAWAY: the DMZ opens no new session here; streams in flight finish.
+                connection.graceful_shutdown();
+                draining = true;
+            }
+            _ = agent.stop_tunnels.cancelled() => return Ok("agent stopped".into()),
+        }
+    }
+}
+
+fn report_verdicts(answer: &RegistrationAnswer, index: usize) {
+    for v in &answer.services {
+        match (&v.reason, v.accepted) {
+            (_, true) => tracing::debug!(service = %v.name, "service accepted"),
+            // Every connection registers; the first one speaks for all.
+            (Some(reason), false) if index == 0 => {
+                tracing::warn!(service = %v.name, %reason, "service rejected by the DMZ")
+            }
+            (reason, false) => {
+                tracing::debug!(service = %v.name, ?reason, "service rejected by the DMZ")
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Inbound sessions: a stream from the DMZ names a service; the agent connects the target from
+//! its own config (never an address the DMZ chose) and pumps bytes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use relay_tunnel::metrics as m;
+use relay_tunnel::protocol::{self, HEADER_REASON, Refusal, SessionMeta};
+use relay_tunnel::pump::{self, PumpCounters, PumpError};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::Agent;
+use crate::config::InboundService;
+
+/// Serves one session stream opened by the DMZ node `dmz`.
+pub async fn serve(
+    agent: Arc<Agent>,
+    dmz: String,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let started = Instant::now();
+    let (service, port_offset, meta) = match parse(&agent, &request) {
+        Ok(parsed) => parsed,
+        Err((refusal, reason)) => {
+            metrics::counter!(m::REJECTIONS, "reason" => refusal.label()).increment(1);
+            tracing::warn!(%dmz, authority = ?request.uri().authority().map(|a| a.as_str()), %reason, "session stream refused");
+            refuse(&mut respond, refusal, &reason);
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", id = %meta.session, service = %service.name, direction = m::INBOUND, partner = %meta.partner, %dmz);
+    async move {
+        let result = run(&agent, &service, port_offset, request, respond).await;
+        let duration = started.elapsed();
+        let (outcome, moved) = match &result {
+            Ok((moved, Ok(()))) => ("ok", *moved),
+            Ok((moved, Err(PumpError::Idle(_)))) => ("idle", *moved),
+            Ok((moved, Err(PumpError::Stopped))) => ("drain_timeout", *moved),
+            Ok((moved, Err(_))) => ("reset", *moved),
+            Err(refusal) => (refusal.label(), Default::default()),
+        };
+        metrics::counter!(m::SESSIONS_TOTAL, "service" => service.name.clone(), "direction" => m::INBOUND, "result" => outcome).increment(1);
+        tracing::info!(
+            target: "relay::audit",
+            session = %meta.session,
+            service = %service.name,
+            direction = m::INBOUND,
+            partner = %meta.partner,
+            dmz = %dmz,
+            duration_ms = duration.as_millis() as u64,
+            bytes_partner_to_target = moved.to_socket,
+            bytes_target_to_partner = moved.to_stream,
+            outcome,
+            "session"
+        );
+    }
+    .instrument(span)
+    .await;
+}
+
+type Parsed = (Arc<InboundService>, u16, SessionMeta);
+
+fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusal, String)> {
+    if request.method() != Method::CONNECT {
+        return Err((
+            Refusal::BadRequest,
+            format!("method {} is not CONNECT", request.method()),
+        ));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .ok_or((Refusal::BadRequest, "no authority".to_owned()))?;
+    let (name, port) = protocol::parse_session_authority(authority.as_str()).ok_or_else(|| {
+        (
+            Refusal::UnknownService,
+            format!("{authority} does not name a service"),
+        )
+    })?;
+    let service = agent
+        .services
+        .get(name)
+        .ok_or_else(|| (Refusal::UnknownService, format!("no service {name:?} here")))?;
+    if !service.listen.ports.contains(port) {
+        return Err((
+            Refusal::UnknownService,
+            format!("port {port} is not a port of service {name:?}"),
+        ));
+    }
+    let meta = SessionMeta::from_headers(request.headers()).ok_or((
+        Refusal::BadRequest,
+        "missing or malformed session metadata".to_owned(),
+    ))?;
+    Ok((service.clone(), port - service.listen.ports.first, meta))
+}
+
+fn refuse(respond: &mut SendResponse<Bytes>, refusal: Refusal, reason: &str) {
+    let mut response = Response::new(());
+    *response.status_mut() = refusal.status();
+    if let Ok(value) = http::HeaderValue::try_from(reason.replace(['\r', '\n'], " ")) {
+        response.headers_mut().insert(HEADER_REASON, value);
+    }
+    let _ = respond.send_response(response, true);
+}
+
+type Ran = (pump::Transferred, Result<(), PumpError>);
+
+async fn run(
+    agent: &Agent,
+    service: &InboundService,
+    port_offset: u16,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) -> Result<Ran, Refusal> {
+    let Ok(_permit) = agent.session_limit.clone().try_acquire_owned() else {
+        refuse(
+            &mut respond,
+            Refusal::Unavailable,
+            "agent at its session limit",
+        );
+        return Err(Refusal::Unavailable);
+    };
+    let (host, port) = service
+        .target
+        .authority_for_offset(port_offset)
+        .expect("config checks that target and listen ranges have the same size");
+    let timeout = agent.limits.connect_timeout;
+    let target = match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port)))
+        .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::warn!(target = %format_args!("{host}:{port}"), error = %e, "target connect failed");
+            refuse(
+                &mut respond,
+                Refusal::TargetRefused,
+                &format!("target connect failed: {e}"),
+            );
+            return Err(Refusal::TargetRefused);
+        }
+        Err(_) => {
+            tracing::warn!(target = %format_args!("{host}:{port}"), ?timeout, "target connect timed out");
+            refuse(
+                &mut respond,
+                Refusal::TargetTimeout,
+                "target connect timed out",
+            );
+            return Err(Refusal::TargetTimeout);
+        }
+    };
+    let _ = target.set_nodelay(true);
+    let send = match respond.send_response(
+        Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("static response"),
+        false,
+    ) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(error = %e, "DMZ gave up on the session before it started");
+            return Err(Refusal::Unavailable);
+        }
+    };
+    let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.name.clone(), "direction" => m::INBOUND);
+    active.increment(1.0);
+    let counters = PumpCounters {
+        to_stream: metrics::counter!(m::BYTES, "service" => service.name.clone(), "direction" => m::TARGET_TO_PARTNER),
+        to_socket: metrics::counter!(m::BYTES, "service" => service.name.clone(), "direction" => m::PARTNER_TO_TARGET),
+    };
+    let ran = pump::pump(
+        target,
+        send,
+        request.into_body(),
+        &counters,
+        agent.limits.idle_timeout,
+        &agent.stop_sessions,
+    )
+    .await;
+    active.decrement(1.0);
+    Ok(ran)
+}

@@ -1,0 +1,170 @@
+//! `relay-internal`: the agent inside the protected network. It dials every DMZ node over
+//! mutually authenticated TLS, pushes its service definitions, and serves the sessions the
+//! DMZ opens by connecting the targets named in its own config.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod dialer;
+pub mod inbound;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use relay_tunnel::admin;
+use relay_tunnel::metrics as m;
+use relay_tunnel::protocol::Registration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::AgentConfig;
+use config::{InboundService, Limits};
+
+/// State shared by the tasks of one agent.
+pub struct Agent {
+    pub(crate) connector: TlsConnector,
+    pub(crate) registration: Registration,
+    pub(crate) services: HashMap<String, Arc<InboundService>>,
+    pub(crate) keepalive: std::time::Duration,
+    pub(crate) limits: Limits,
+    pub(crate) session_limit: Arc<Semaphore>,
+    pub(crate) sessions: TaskTracker,
+    /// Cancelled on shutdown: tunnels send GOAWAY and take no new session.
+    pub(crate) drain: CancellationToken,
+    /// Cancelled after the drain: tunnels close.
+    pub(crate) stop_tunnels: CancellationToken,
+    /// Cancelled at the drain deadline: sessions still running are reset.
+    pub(crate) stop_sessions: CancellationToken,
+    connected: Mutex<HashMap<String, usize>>,
+}
+
+/// Counts a tunnel as up until dropped.
+pub(crate) struct TunnelUp<'a> {
+    agent: &'a Agent,
+    node: String,
+    gauge: metrics::Gauge,
+}
+
+impl Drop for TunnelUp<'_> {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+        let mut connected = self
+            .agent
+            .connected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = connected.get_mut(&self.node) {
+            *n -= 1;
+        }
+    }
+}
+
+impl Agent {
+    pub(crate) fn tunnel_up(&self, node: &str) -> TunnelUp<'_> {
+        let gauge = metrics::gauge!(m::TUNNELS_CONNECTED, "dmz" => node.to_owned());
+        gauge.increment(1.0);
+        *self
+            .connected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node.to_owned())
+            .or_default() += 1;
+        TunnelUp {
+            agent: self,
+            node: node.to_owned(),
+            gauge,
+        }
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        if self.drain.is_cancelled() {
+            return Err("draining: shutting down".into());
+        }
+        let connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
+        if connected.values().any(|&n| n > 0) {
+            Ok(())
+        } else {
+            Err("no DMZ node connected".into())
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled; then it sends GOAWAY on every tunnel, gives
+/// sessions in flight `limits.drain_timeout`, and returns.
+pub async fn run(
+    config: AgentConfig,
+    admin_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let metrics = relay_tunnel::telemetry::metrics_handle();
+    let agent = Arc::new(Agent {
+        connector: TlsConnector::from(config.tls.clone()),
+        registration: Registration {
+            instance: format!("{:016x}", fastrand::u64(..)),
+            services: config.inbound.iter().map(InboundService::decl).collect(),
+        },
+        services: config
+            .inbound
+            .iter()
+            .map(|s| (s.name.clone(), Arc::new(s.clone())))
+            .collect(),
+        keepalive: config.keepalive,
+        limits: config.limits,
+        session_limit: Arc::new(Semaphore::new(config.limits.max_sessions)),
+        sessions: TaskTracker::new(),
+        drain: CancellationToken::new(),
+        stop_tunnels: CancellationToken::new(),
+        stop_sessions: CancellationToken::new(),
+        connected: Mutex::new(config.dmz.iter().map(|n| (n.addr.clone(), 0)).collect()),
+    });
+
+    let admin_stop = CancellationToken::new();
+    let admin_task = admin_listener.map(|l| {
+        let a = agent.clone();
+        tokio::spawn(admin::serve(
+            l,
+            Arc::new(move || a.readiness()),
+            metrics,
+            admin_stop.clone(),
+        ))
+    });
+
+    let tunnels = TaskTracker::new();
+    for node in &config.dmz {
+        for index in 0..config.connections {
+            tunnels.spawn(dialer::maintain(agent.clone(), node.clone(), index));
+        }
+    }
+    tracing::info!(
+        instance = %agent.registration.instance,
+        nodes = config.dmz.len(),
+        connections = config.connections,
+        services = agent.services.len(),
+        "agent started"
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!(drain_timeout = ?agent.limits.drain_timeout, "shutting down: no new sessions, draining");
+    agent.drain.cancel();
+    agent.sessions.close();
+    if tokio::time::timeout(agent.limits.drain_timeout, agent.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached: resetting the remaining sessions");
+        agent.stop_sessions.cancel();
+        agent.sessions.wait().await;
+    }
+    agent.stop_tunnels.cancel();
+    tunnels.close();
+    tunnels.wait().await;
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! Config building blocks both binaries use: reading TOML, collecting every problem with its
+//! key path, durations, addresses with port ranges, and address rules.
+//!
+//! Each binary parses its raw `serde` structs (unknown keys rejected) and turns them into a
+//! checked config with these helpers; libraries never see TOML.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+
+/// Every problem found in a config file, one line each: `key.path: reason`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The problems, in the order found.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    /// Records one problem at `key`.
+    pub fn push(&mut self, key: impl fmt::Display, reason: impl fmt::Display) {
+        self.problems.push(format!("{key}: {reason}"));
+    }
+
+    /// `Ok(value)` if no problem was found.
+    pub fn into_result<T>(self, value: impl FnOnce() -> T) -> Result<T, ConfigError> {
+        if self.problems.is_empty() {
+            Ok(value())
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Parses `raw` with `parse`, recording a problem at `key` on failure.
+    pub fn check<T, E: fmt::Display>(
+        &mut self,
+        key: impl fmt::Display,
+        parsed: Result<T, E>,
+    ) -> Option<T> {
+        parsed.map_err(|e| self.push(key, e)).ok()
+    }
+}
+
+/// Reads and parses a TOML file into raw config structs.
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let mut err = ConfigError::default();
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            err.push(path.display(), format!("cannot read config: {e}"));
+            return Err(err);
+        }
+    };
+    toml::from_str(&text).map_err(|e| {
+        let key = e
+            .span()
+            .map(|span| {
+                let line = text[..span.start].matches('\n').count() + 1;
+                format!("{} line {line}", path.display())
+            })
+            .unwrap_or_else(|| path.display().to_string());
+        err.push(key, e.message());
+        err
+    })
+}
+
+/// The directory relative config paths are resolved against.
+pub fn base_dir(config_path: &Path) -> PathBuf {
+    config_path
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Resolves a path from the config relative to the config file's directory.
+pub fn resolve(base: &Path, path: &str) -> PathBuf {
+    base.join(path)
+}
+
+/// Parses a duration such as `"10s"` or `"500ms"`; zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("invalid duration {s:?}: must be greater than zero"));
+    }
+    Ok(d)
+}
+
+/// An inclusive range of ports; a single port is a range of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// How many ports the range holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.last - self.first) + 1
+    }
+
+    /// Whether the range holds no port (never true for a parsed range).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether `port` lies in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Whether the whole of `other` lies in the range.
+    pub fn covers(&self, other: &PortRange) -> bool {
+        self.first <= other.first && other.last <= self.last
+    }
+
+    /// Whether the two ranges share a port.
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+
+    /// The ports, first to last.
+    pub fn iter(&self) -> impl Iterator<Item = u16> {
+        self.first..=self.last
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| -> Result<u16, String> {
+            p.parse::<u16>().map_err(|_| format!("invalid port {p:?}"))
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if first > last {
+            return Err(format!(
+                "invalid port range {s:?}: first port is above last"
+            ));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// Splits `HOST:PORTS` or `[V6]:PORTS` at the last colon outside brackets.
+fn split_host_ports(s: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, ports) = rest.split_once("]:")?;
+        Some((host, ports))
+    } else {
+        let (host, ports) = s.rsplit_once(':')?;
+        (!host.contains(':')).then_some((host, ports))
+    }
+}
+
+/// A listen address: an IP and a port or port range (`0.0.0.0:8443`, `[::]:50000-50099`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenSpec {
+    /// The address to bind.
+    pub ip: IpAddr,
+    /// The ports to bind.
+    pub ports: PortRange,
+}
+
+impl ListenSpec {
+    /// The socket addresses to bind, with `ip` replaced by `bind` when given.
+    pub fn addrs(&self, bind: Option<IpAddr>) -> impl Iterator<Item = SocketAddr> + '_ {
+        let ip = bind.unwrap_or(self.ip);
+        self.ports.iter().map(move |port| SocketAddr::new(ip, port))
+    }
+}
+
+impl FromStr for ListenSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid socket address {s:?} (expected IP:PORT or IP:FIRST-LAST)");
+        let (host, ports) = split_host_ports(s).ok_or_else(bad)?;
+        let ip = host.parse().map_err(|_| bad())?;
+        let ports: PortRange = ports.parse().map_err(|_| bad())?;
+        if ports.first == 0 {
+            return Err(format!(
+                "invalid socket address {s:?}: port 0 cannot be served"
+            ));
+        }
+        Ok(Self { ip, ports })
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.ports),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.ports),
+        }
+    }
+}
+
+/// A target: host name or IP and a port or port range (`b2bi.internal:8443`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port or port range.
+    pub ports: PortRange,
+}
+
+impl FromStr for TargetSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid target {s:?} (expected HOST:PORT or HOST:FIRST-LAST)");
+        let (host, ports) = split_host_ports(s).ok_or_else(bad)?;
+        let ports: PortRange = ports.parse().map_err(|_| bad())?;
+        if host.is_empty() || ports.first == 0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            ports,
+        })
+    }
+}
+
+impl TargetSpec {
+    /// The `host:port` to dial for `port` of the range (same offset from the first port).
+    pub fn authority_for_offset(&self, offset: u16) -> Option<(String, u16)> {
+        let port = self.ports.first.checked_add(offset)?;
+        self.ports.contains(port).then(|| (self.host.clone(), port))
+    }
+}
+
+/// An address rule `ADDR_OR_CIDR:PORTS` where PORTS is a port, a range or `*`
+/// (`0.0.0.0:8000-8999`, `127.0.0.0/8:1024-65535`, `[::/0]:*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrRule {
+    /// The network; a bare address is a single-address network.
+    pub net: IpNet,
+    /// The ports; `*` is 0-65535.
+    pub ports: PortRange,
+}
+
+impl FromStr for AddrRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("invalid address rule {s:?} (expected ADDR_OR_CIDR:PORT, :FIRST-LAST or :*)")
+        };
+        let (host, ports) = if let Some(rest) = s.strip_prefix('[') {
+            let (net, ports) = rest.split_once("]:").ok_or_else(bad)?;
+            (net, ports)
+        } else {
+            s.rsplit_once(':').ok_or_else(bad)?
+        };
+        let net = match host.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => IpNet::from(host.parse::<IpAddr>().map_err(|_| bad())?),
+        };
+        let ports = if ports == "*" {
+            PortRange {
+                first: 0,
+                last: u16::MAX,
+            }
+        } else {
+            ports.parse().map_err(|_| bad())?
+        };
+        Ok(Self { net, ports })
+    }
+}
+
+impl AddrRule {
+    /// Whether the rule admits every address of `spec`.
+    pub fn covers(&self, spec: &ListenSpec) -> bool {
+        self.net.contains(&spec.ip) && self.ports.covers(&spec.ports)
+    }
+}
+
+/// Parses a list of CIDR networks (a bare address is a /32 or /128), recording problems at
+/// `key[i]`.
+pub fn parse_networks(err: &mut ConfigError, key: &str, raw: &[String]) -> Vec<IpNet> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let parsed = s
+                .parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    format!("invalid network {s:?} (expected CIDR such as 198.51.100.0/24)")
+                });
+            err.check(format_args!("{key}[{i}]"), parsed)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs_parse_ports_and_ranges() {
+        let s: ListenSpec = "0.0.0.0:8443".parse().unwrap();
+        assert_eq!(s.ports.len(), 1);
+        let r: ListenSpec = "[::1]:50000-50099".parse().unwrap();
+        assert_eq!(r.ports.len(), 100);
+        assert_eq!(r.to_string(), "[::1]:50000-50099");
+        let bind = "127.0.0.2".parse().ok();
+        assert_eq!(s.addrs(bind).next().unwrap().to_string(), "127.0.0.2:8443");
+        for bad in [
+            "0.0.0.0:99999",
+            "0.0.0.0",
+            "host:80",
+            "1.2.3.4:9-1",
+            "1.2.3.4:0",
+            "::1:80",
+        ] {
+            assert!(bad.parse::<ListenSpec>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "0.0.0.0:99999".parse::<ListenSpec>().unwrap_err(),
+            "invalid socket address \"0.0.0.0:99999\" (expected IP:PORT or IP:FIRST-LAST)"
+        );
+    }
+
+    #[test]
+    fn rules_cover_whole_ranges_only() {
+        let rule: AddrRule = "0.0.0.0:8000-8999".parse().unwrap();
+        assert!(rule.covers(&"0.0.0.0:8443".parse().unwrap()));
+        assert!(!rule.covers(&"0.0.0.0:8990-9010".parse().unwrap()));
+        assert!(!rule.covers(&"127.0.0.1:8443".parse().unwrap()));
+        let cidr: AddrRule = "127.0.0.0/8:*".parse().unwrap();
+        assert!(cidr.covers(&"127.0.0.9:1-65535".parse().unwrap()));
+        let v6: AddrRule = "[::/0]:443".parse().unwrap();
+        assert!(v6.covers(&"[::1]:443".parse().unwrap()));
+        assert!("nonsense:1".parse::<AddrRule>().is_err());
+    }
+
+    #[test]
+    fn targets_map_range_offsets() {
+        let t: TargetSpec = "ftp.internal:50000-50099".parse().unwrap();
+        assert_eq!(
+            t.authority_for_offset(5),
+            Some(("ftp.internal".into(), 50005))
+        );
+        assert_eq!(t.authority_for_offset(100), None);
+        assert!("nohost".parse::<TargetSpec>().is_err());
+        assert!(":80".parse::<TargetSpec>().is_err());
+    }
+
+    #[test]
+    fn durations_are_humane_and_positive() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+    }
+
+    #[test]
+    fn problems_are_listed_with_keys() {
+        let mut err = ConfigError::default();
+        let nets = parse_networks(
+            &mut err,
+            "inbound[0].allow",
+            &["10.0.0.0/8".into(), "x".into()],
+        );
+        assert_eq!(nets.len(), 1);
+        assert_eq!(
+            err.to_string(),
+            "inbound[0].allow[1]: invalid network \"x\" (expected CIDR such as 198.51.100.0/24)"
+        );
+    }
+}

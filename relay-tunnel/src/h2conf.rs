@@ -1,0 +1,46 @@
+//! HTTP/2 settings of the tunnel, on purpose rather than by default (see docs/DECISIONS.md).
+
+use std::time::Duration;
+
+/// Receive window of one stream: what one session may have in flight in each direction.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Receive window of a whole tunnel connection. As large as HTTP/2 allows, so that sessions
+/// whose reader stalls (each holding up to [`STREAM_WINDOW`]) never starve the others
+/// (hyperium/h2#573); memory stays bounded by sessions x stream window.
+pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Largest DATA frame we accept: large frames cut per-frame overhead on bulk transfers.
+pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Concurrent sessions one tunnel connection carries.
+pub const MAX_CONCURRENT_STREAMS: u32 = 16 * 1024;
+/// Largest header block accepted: session metadata is a few hundred bytes.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Bytes a stream may queue for sending beyond what the peer's window admits.
+pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Copy buffer for reading a TCP socket into a stream.
+pub const READ_BUFFER: usize = 64 * 1024;
+/// How long a CONNECT answer may take beyond the agent's target connect timeout.
+pub const ANSWER_MARGIN: Duration = Duration::from_secs(2);
+
+/// HTTP/2 client settings (the DMZ on an inbound carrier).
+pub fn client() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .enable_push(false);
+    b
+}
+
+/// HTTP/2 server settings (the agent on an inbound carrier).
+pub fn server() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    b
+}

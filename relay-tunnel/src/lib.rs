@@ -1,0 +1,17 @@
+//! Pieces shared by `relay-dmz` and `relay-internal`: TLS setup and identity checks, the tunnel
+//! protocol (ALPN roles, stream metadata, registration messages), HTTP/2 settings, the byte
+//! pump, config building blocks, metric names and telemetry setup.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod backoff;
+pub mod config;
+pub mod h2conf;
+pub mod keepalive;
+pub mod metrics;
+pub mod net;
+pub mod protocol;
+pub mod pump;
+pub mod signals;
+pub mod telemetry;
+pub mod tls;

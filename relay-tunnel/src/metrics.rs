@@ -1,0 +1,87 @@
+//! Metric names (one place, `relay_` prefix, base units) and their descriptions.
+//!
+//! Labels are low-cardinality: service, direction, result, reason, agent identity, DMZ node.
+//! Never a partner address.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+/// Gauge: tunnel connections up, labelled `agent` (DMZ side) or `dmz` (agent side).
+pub const TUNNELS_CONNECTED: &str = "relay_tunnels_connected";
+/// Counter: tunnel connection attempts by `result`.
+pub const TUNNEL_CONNECTS: &str = "relay_tunnel_connects_total";
+/// Counter: reconnects after a tunnel was lost, by `dmz` (agent side).
+pub const TUNNEL_RECONNECTS: &str = "relay_tunnel_reconnects_total";
+/// Histogram: HTTP/2 PING round-trip time.
+pub const TUNNEL_RTT: &str = "relay_tunnel_rtt_seconds";
+/// Gauge: sessions in flight by `service` and `direction`.
+pub const SESSIONS_ACTIVE: &str = "relay_sessions_active";
+/// Counter: sessions ended by `service`, `direction` and `result`.
+pub const SESSIONS_TOTAL: &str = "relay_sessions_total";
+/// Histogram: partner accept to first byte forwardable, by `direction`.
+pub const SESSION_SETUP: &str = "relay_session_setup_seconds";
+/// Histogram: session lifetime.
+pub const SESSION_DURATION: &str = "relay_session_duration_seconds";
+/// Counter: bytes relayed by `service` and `direction` (`partner_to_target`, `target_to_partner`).
+pub const BYTES: &str = "relay_bytes_total";
+/// Gauge: 1 while a service's public listener is bound, by `service` (DMZ).
+pub const LISTENER_OPEN: &str = "relay_listener_open";
+/// Counter: connections or requests refused before a session began, by `reason`.
+pub const REJECTIONS: &str = "relay_rejections_total";
+/// Counter: service registrations by `result` (`accepted`, `rejected`).
+pub const REGISTRATIONS: &str = "relay_registrations_total";
+/// Gauge: always 1, labelled with the `version`.
+pub const BUILD_INFO: &str = "relay_build_info";
+
+/// Histogram buckets for latencies, in seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Histogram buckets for session durations, in seconds.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+/// Session direction label: partner to trading engine.
+pub const INBOUND: &str = "inbound";
+/// Bytes direction label: from the partner toward the target.
+pub const PARTNER_TO_TARGET: &str = "partner_to_target";
+/// Bytes direction label: from the target toward the partner.
+pub const TARGET_TO_PARTNER: &str = "target_to_partner";
+
+/// Describes every metric once, and sets the build info gauge.
+pub fn describe() {
+    describe_gauge!(TUNNELS_CONNECTED, "Tunnel connections currently up.");
+    describe_counter!(TUNNEL_CONNECTS, "Tunnel connection attempts, by result.");
+    describe_counter!(
+        TUNNEL_RECONNECTS,
+        "Tunnel reconnects after a tunnel was lost."
+    );
+    describe_histogram!(
+        TUNNEL_RTT,
+        Unit::Seconds,
+        "Round-trip time of tunnel keepalive PINGs."
+    );
+    describe_gauge!(SESSIONS_ACTIVE, "Sessions in flight.");
+    describe_counter!(SESSIONS_TOTAL, "Sessions ended, by result.");
+    describe_histogram!(
+        SESSION_SETUP,
+        Unit::Seconds,
+        "Time from partner accept until the first byte can be forwarded."
+    );
+    describe_histogram!(SESSION_DURATION, Unit::Seconds, "Session lifetime.");
+    describe_counter!(BYTES, Unit::Bytes, "Bytes relayed, by direction.");
+    describe_gauge!(
+        LISTENER_OPEN,
+        "1 while the public listener of a service is bound."
+    );
+    describe_counter!(
+        REJECTIONS,
+        "Connections or requests refused before a session began."
+    );
+    describe_counter!(
+        REGISTRATIONS,
+        "Service registrations from agents, by result."
+    );
+    describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}

@@ -1,0 +1,184 @@
+//! The byte pump between one TCP connection and one HTTP/2 stream.
+//!
+//! Both directions run in one task over a shared `&TcpStream`. A read buffer is allocated only
+//! when the socket is readable, so an idle session holds no copy buffer. Receive credit is
+//! given back to the peer only after the bytes are written to the socket, so a slow reader
+//! slows its writer and memory stays within the stream window. A FIN becomes END_STREAM and
+//! END_STREAM becomes a FIN (half-close passes through); a reset on either side resets the
+//! other.
+
+use std::future::poll_fn;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::h2conf::READ_BUFFER;
+use crate::net;
+
+/// Byte counts of a finished or failed session.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// Bytes read from the socket and sent into the stream.
+    pub to_stream: u64,
+    /// Bytes received from the stream and written to the socket.
+    pub to_socket: u64,
+}
+
+/// Why a session ended other than by both sides closing cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    /// The socket failed (reset, broken pipe).
+    #[error("socket: {0}")]
+    Socket(#[source] io::Error),
+    /// The stream was reset by the peer or the tunnel failed.
+    #[error("tunnel stream: {0}")]
+    Stream(#[source] h2::Error),
+    /// Neither side moved a byte for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    /// The relay stopped the session (shutdown deadline).
+    #[error("stopped by shutdown")]
+    Stopped,
+}
+
+/// Counters a pump advances as bytes move, so long sessions show in metrics while they run.
+#[derive(Debug, Clone)]
+pub struct PumpCounters {
+    /// Advanced by bytes sent into the stream.
+    pub to_stream: metrics::Counter,
+    /// Advanced by bytes written to the socket.
+    pub to_socket: metrics::Counter,
+}
+
+/// Copies bytes both ways until both directions have ended, one side resets, or the session is
+/// idle for `idle_timeout`, or `stop` is cancelled. On error both sides are reset.
+pub async fn pump(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    counters: &PumpCounters,
+    idle_timeout: Duration,
+    stop: &CancellationToken,
+) -> (Transferred, Result<(), PumpError>) {
+    let start = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let touch = || last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let to_stream = AtomicU64::new(0);
+    let to_socket = AtomicU64::new(0);
+
+    let up = socket_to_stream(&tcp, &mut send, &counters.to_stream, &to_stream, &touch);
+    let down = stream_to_socket(&mut recv, &tcp, &counters.to_socket, &to_socket, &touch);
+    let idle = async {
+        loop {
+            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+            let deadline = start + last + idle_timeout;
+            if Instant::now() >= deadline {
+                return PumpError::Idle(idle_timeout);
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    };
+    let result = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
+        e = idle => Err(e),
+        _ = stop.cancelled() => Err(PumpError::Stopped),
+    };
+    if result.is_err() {
+        send.send_reset(Reason::CANCEL);
+        net::set_reset_on_close(&tcp);
+    }
+    let moved = Transferred {
+        to_stream: to_stream.into_inner(),
+        to_socket: to_socket.into_inner(),
+    };
+    (moved, result)
+}
+
+async fn socket_to_stream(
+    tcp: &TcpStream,
+    send: &mut SendStream<Bytes>,
+    counter: &metrics::Counter,
+    total: &AtomicU64,
+    touch: &impl Fn(),
+) -> Result<(), PumpError> {
+    loop {
+        tcp.readable().await.map_err(PumpError::Socket)?;
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        match tcp.try_read_buf(&mut buf) {
+            Ok(0) => {
+                send.send_data(Bytes::new(), true)
+                    .map_err(PumpError::Stream)?;
+                return Ok(());
+            }
+            Ok(n) => {
+                touch();
+                send_all(send, buf.freeze()).await?;
+                counter.increment(n as u64);
+                total.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(PumpError::Socket(e)),
+        }
+    }
+}
+
+/// Sends `data` as the peer's window admits it.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), PumpError> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let mut granted = send.capacity();
+        if granted == 0 {
+            granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(PumpError::Stream(e)),
+                None => return Err(stream_gone(send).await),
+            };
+        }
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        send.send_data(chunk, false).map_err(PumpError::Stream)?;
+    }
+    Ok(())
+}
+
+/// The error of a send stream that can take no more data.
+async fn stream_gone(send: &mut SendStream<Bytes>) -> PumpError {
+    match poll_fn(|cx| send.poll_reset(cx)).await {
+        Ok(reason) => PumpError::Stream(h2::Error::from(reason)),
+        Err(e) => PumpError::Stream(e),
+    }
+}
+
+async fn stream_to_socket(
+    recv: &mut RecvStream,
+    tcp: &TcpStream,
+    counter: &metrics::Counter,
+    total: &AtomicU64,
+    touch: &impl Fn(),
+) -> Result<(), PumpError> {
+    while let Some(data) = recv.data().await {
+        let mut data = data.map_err(PumpError::Stream)?;
+        let n = data.len();
+        touch();
+        while data.has_remaining() {
+            tcp.writable().await.map_err(PumpError::Socket)?;
+            match tcp.try_write(data.chunk()) {
+                Ok(written) => data.advance(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(PumpError::Socket(e)),
+            }
+        }
+        // Credit goes back only once the bytes are in the socket: this is the backpressure.
+        let _ = recv.flow_control().release_capacity(n);
+        counter.increment(n as u64);
+        total.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    net::shutdown_write(tcp).map_err(PumpError::Socket)
+}
