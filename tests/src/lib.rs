@@ -1,1 +1,393 @@
+//! Test harness: a development PKI in a temporary directory, DMZ nodes and agents started
+//! in-process or as real processes from generated config files, and small targets.
 #![forbid(unsafe_code)]
+
+pub mod targets;
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A development PKI (CA, DMZ certificate for localhost/127.0.0.1, agents engine-1 and
+/// engine-2) and a directory for config files, removed on drop.
+pub struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    /// A fresh PKI with agents `engine-1` and `engine-2`.
+    pub fn new() -> Self {
+        Self::with_agents(&["engine-1", "engine-2"])
+    }
+
+    /// A fresh PKI with the given agent identities.
+    pub fn with_agents(agents: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let opts = relay_certs::DevOptions {
+            out: dir.path().to_owned(),
+            agents: agents.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        relay_certs::write_dev_pki(&opts).expect("dev PKI");
+        Self { dir }
+    }
+
+    /// The directory holding the PEM files and configs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Path of a file in the PKI directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `text` to `name` in the PKI directory and returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("write file");
+        path
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A TCP port that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind port 0")
+        .port()
+}
+
+/// Settings of a DMZ node config.
+#[derive(Clone, Debug)]
+pub struct DmzOptions {
+    /// `tunnel.listen`.
+    pub tunnel: SocketAddr,
+    /// `admin.listen`.
+    pub admin: SocketAddr,
+    /// `tunnel.keepalive`.
+    pub keepalive: &'static str,
+    /// `tunnel.agents`, if any.
+    pub agents: Option<Vec<String>>,
+    /// `public.bind`, if any.
+    pub public_bind: Option<String>,
+    /// `policy.listen_allow`.
+    pub listen_allow: Vec<String>,
+    /// Extra TOML appended under `[limits]`.
+    pub limits: String,
+}
+
+impl Default for DmzOptions {
+    fn default() -> Self {
+        Self {
+            tunnel: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            keepalive: "1s",
+            agents: None,
+            public_bind: None,
+            listen_allow: vec!["127.0.0.0/8:1024-65535".into()],
+            limits: String::new(),
+        }
+    }
+}
+
+impl DmzOptions {
+    /// The TOML config text, using the PKI's files.
+    pub fn toml(&self, pki: &Pki) -> String {
+        let mut s = format!(
+            "[tunnel]\nlisten = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nkeepalive = \"{}\"\n",
+            self.tunnel,
+            pki.path("dmz.pem").display(),
+            pki.path("dmz-key.pem").display(),
+            pki.path("ca.pem").display(),
+            self.keepalive
+        );
+        if let Some(agents) = &self.agents {
+            s += &format!("agents = {agents:?}\n");
+        }
+        s += &format!("\n[admin]\nlisten = \"{}\"\n", self.admin);
+        if let Some(bind) = &self.public_bind {
+            s += &format!("\n[public]\nbind = \"{bind}\"\n");
+        }
+        s += &format!("\n[policy]\nlisten_allow = {:?}\n", self.listen_allow);
+        s += &format!("\n[limits]\n{}\n", self.limits);
+        s
+    }
+}
+
+/// One `[[inbound]]` service of an agent config.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Public listen address.
+    pub listen: String,
+    /// Target address.
+    pub target: String,
+    /// Extra TOML lines for the service.
+    pub extra: String,
+}
+
+impl Service {
+    /// A service `name` published on 127.0.0.1:`port`, relayed to `target`.
+    pub fn new(name: &str, port: u16, target: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            listen: format!("127.0.0.1:{port}"),
+            target: target.to_string(),
+            extra: String::new(),
+        }
+    }
+}
+
+/// Settings of an agent config.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Agent identity: its certificate files are `NAME.pem` and `NAME-key.pem`.
+    pub identity: String,
+    /// DMZ tunnel addresses.
+    pub dmz: Vec<SocketAddr>,
+    /// `admin.listen`.
+    pub admin: SocketAddr,
+    /// `connections`.
+    pub connections: usize,
+    /// `keepalive`.
+    pub keepalive: &'static str,
+    /// `[[inbound]]` services.
+    pub services: Vec<Service>,
+    /// Extra TOML under `[limits]`.
+    pub limits: String,
+}
+
+impl AgentOptions {
+    /// An agent `engine-1` dialing `dmz` with the given services.
+    pub fn new(dmz: SocketAddr, services: Vec<Service>) -> Self {
+        Self {
+            identity: "engine-1".into(),
+            dmz: vec![dmz],
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            connections: 2,
+            keepalive: "1s",
+            services,
+            limits: String::new(),
+        }
+    }
+
+    /// The TOML config text, using the PKI's files.
+    pub fn toml(&self, pki: &Pki) -> String {
+        let dmz: Vec<String> = self.dmz.iter().map(|a| a.to_string()).collect();
+        let mut s = format!(
+            "dmz = {dmz:?}\nserver_name = \"localhost\"\nconnections = {}\nkeepalive = \"{}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n[admin]\nlisten = \"{}\"\n\n[limits]\n{}\n",
+            self.connections,
+            self.keepalive,
+            pki.path(&format!("{}.pem", self.identity)).display(),
+            pki.path(&format!("{}-key.pem", self.identity)).display(),
+            pki.path("ca.pem").display(),
+            self.admin,
+            self.limits,
+        );
+        for svc in &self.services {
+            s += &format!(
+                "\n[[inbound]]\nname = \"{}\"\nlisten = \"{}\"\ntarget = \"{}\"\n{}\n",
+                svc.name, svc.listen, svc.target, svc.extra
+            );
+        }
+        s
+    }
+}
+
+/// A component running in-process; stopped (shutdown token) on drop.
+pub struct InProcess {
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl InProcess {
+    /// Cancels the shutdown token and waits for `run` to return.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await.expect("run task panicked"),
+            None => Ok(()),
+        }
+    }
+
+    /// The shutdown token.
+    pub fn token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Starts a DMZ node in-process from `opts`.
+pub async fn start_dmz(pki: &Pki, opts: &DmzOptions) -> InProcess {
+    let path = pki.write(&format!("dmz-{}.toml", opts.tunnel.port()), &opts.toml(pki));
+    let config = relay_dmz::DmzConfig::load(&path).unwrap_or_else(|e| panic!("DMZ config: {e}"));
+    let listeners = relay_dmz::Listeners::bind(&config).await.expect("bind DMZ listeners");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(relay_dmz::run(config, listeners, shutdown.clone()));
+    InProcess {
+        shutdown,
+        task: Some(task),
+    }
+}
+
+/// Starts an agent in-process from `opts`.
+pub async fn start_agent(pki: &Pki, opts: &AgentOptions) -> InProcess {
+    let path = pki.write(&format!("agent-{}.toml", opts.admin.port()), &opts.toml(pki));
+    let config = relay_internal::AgentConfig::load(&path).unwrap_or_else(|e| panic!("agent config: {e}"));
+    let admin = tokio::net::TcpListener::bind(opts.admin).await.expect("bind agent admin");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(relay_internal::run(config, Some(admin), shutdown.clone()));
+    InProcess {
+        shutdown,
+        task: Some(task),
+    }
+}
+
+/// Path of a workspace binary (`relay-dmz`, `relay-internal`, `relay-certs`), built by
+/// `cargo test --workspace` next to the test executables.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run the suite with `cargo test --workspace` (or `cargo build --workspace` first)",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct ChildGuard {
+    /// The child.
+    pub child: Child,
+}
+
+impl ChildGuard {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a binary with `--config PATH`, logs to this test's stderr.
+pub fn spawn_bin(name: &str, config: &Path) -> ChildGuard {
+    spawn_command(Command::new(bin(name)).arg("--config").arg(config))
+}
+
+/// Starts a prepared command with stdin closed.
+pub fn spawn_command(cmd: &mut Command) -> ChildGuard {
+    let child = cmd
+        .stdin(Stdio::null())
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .spawn()
+        .expect("spawn binary");
+    ChildGuard { child }
+}
+
+/// Starts an agent as a process from `opts`.
+pub fn spawn_agent(pki: &Pki, opts: &AgentOptions) -> ChildGuard {
+    let path = pki.write(&format!("agent-{}.toml", opts.admin.port()), &opts.toml(pki));
+    spawn_bin("relay-internal", &path)
+}
+
+/// Starts a DMZ node as a process from `opts`.
+pub fn spawn_dmz(pki: &Pki, opts: &DmzOptions) -> ChildGuard {
+    let path = pki.write(&format!("dmz-{}.toml", opts.tunnel.port()), &opts.toml(pki));
+    spawn_bin("relay-dmz", &path)
+}
+
+/// Whether a TCP connect to `addr` succeeds now.
+pub async fn accepts(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Polls `check` every 20 ms until it holds; returns the time it took, or `None` after `limit`.
+pub async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Waits until `addr` accepts connections, or panics after `limit`.
+pub async fn wait_open(addr: SocketAddr, limit: Duration) -> Duration {
+    wait_for(limit, || accepts(addr))
+        .await
+        .unwrap_or_else(|| panic!("{addr} did not open within {limit:?}"))
+}
+
+/// Waits until `addr` refuses connections, or panics after `limit`.
+pub async fn wait_closed(addr: SocketAddr, limit: Duration) -> Duration {
+    wait_for(limit, || async move { !accepts(addr).await })
+        .await
+        .unwrap_or_else(|| panic!("{addr} still accepts after {limit:?}"))
+}
+
+/// `GET path` on an admin endpoint: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of a metric sample line `name{labels} value` whose labels contain every `label`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|lab| l.contains(lab)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
