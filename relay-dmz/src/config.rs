@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_tunnel::config::{self as cfg, AddrRule, ConfigError};
-use relay_tunnel::protocol::ALPN_INBOUND_V1;
+use relay_tunnel::config::{self as cfg, AddrRule, ConfigError, ConnectRule};
+use relay_tunnel::protocol::{ALPN_INBOUND_V1, ALPN_OUTBOUND_V1};
 use relay_tunnel::tls;
 use serde::Deserialize;
 
@@ -17,6 +17,8 @@ pub mod defaults {
     pub const MAX_SESSIONS: usize = 10_000;
     /// `limits.handshake_timeout`.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `limits.connect_timeout`.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
     /// `limits.setup_timeout`.
     pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
     /// `limits.idle_timeout`.
@@ -68,6 +70,8 @@ struct RawPublic {
 struct RawPolicy {
     #[serde(default)]
     listen_allow: Vec<String>,
+    #[serde(default)]
+    connect_allow: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +79,7 @@ struct RawPolicy {
 struct RawLimits {
     max_sessions: Option<usize>,
     handshake_timeout: Option<String>,
+    connect_timeout: Option<String>,
     setup_timeout: Option<String>,
     idle_timeout: Option<String>,
     drain_timeout: Option<String>,
@@ -97,6 +102,8 @@ pub struct DmzConfig {
     pub public_bind: Option<IpAddr>,
     /// Listen addresses agents may ask for.
     pub listen_allow: Vec<AddrRule>,
+    /// Outbound destinations agents may ask the DMZ to dial; empty: no outbound.
+    pub connect_allow: Vec<ConnectRule>,
     /// Session and timeout limits.
     pub limits: Limits,
 }
@@ -108,6 +115,8 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Time an agent has for the TLS handshake and its registration.
     pub handshake_timeout: Duration,
+    /// Time to dial an outbound destination.
+    pub connect_timeout: Duration,
     /// Time an agent has to answer a new session (it connects its target meanwhile).
     pub setup_timeout: Duration,
     /// A session with no byte moving either way for this long is closed.
@@ -154,7 +163,7 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
     let tls = match (creds, roots) {
         (Some(creds), Some(roots)) => err.check(
             "tunnel.key",
-            tls::server_config(&creds, roots, &[ALPN_INBOUND_V1]),
+            tls::server_config(&creds, roots, &[ALPN_INBOUND_V1, ALPN_OUTBOUND_V1]),
         ),
         _ => None,
     };
@@ -198,6 +207,18 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             )
         })
         .collect();
+    let connect_allow = raw
+        .policy
+        .connect_allow
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            err.check(
+                format_args!("policy.connect_allow[{i}]"),
+                r.parse::<ConnectRule>(),
+            )
+        })
+        .collect();
     let l = &raw.limits;
     let max_sessions = l.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
     if max_sessions == 0 {
@@ -210,6 +231,12 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             "limits.handshake_timeout",
             &l.handshake_timeout,
             defaults::HANDSHAKE_TIMEOUT,
+        ),
+        connect_timeout: duration(
+            &mut err,
+            "limits.connect_timeout",
+            &l.connect_timeout,
+            defaults::CONNECT_TIMEOUT,
         ),
         setup_timeout: duration(
             &mut err,
@@ -238,6 +265,7 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         admin_listen,
         public_bind,
         listen_allow,
+        connect_allow,
         limits,
     })
 }

@@ -4,13 +4,13 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod outbound;
 pub mod partner;
 pub mod registry;
 pub mod tunnel;
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use relay_tunnel::admin;
@@ -68,12 +68,14 @@ pub struct Node {
     pub(crate) sessions_cancel: CancellationToken,
     pub(crate) listeners: TaskTracker,
     pub(crate) tunnels_cancel: CancellationToken,
-    draining: AtomicBool,
+    pub(crate) connect_allow: Vec<relay_tunnel::config::ConnectRule>,
+    /// Cancelled when the node starts draining.
+    pub(crate) draining: CancellationToken,
 }
 
 impl Node {
     fn readiness(&self) -> Result<(), String> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.draining.is_cancelled() {
             return Err("draining: shutting down".into());
         }
         match self.registry.tunnels() {
@@ -105,7 +107,8 @@ pub async fn run(
         sessions_cancel: CancellationToken::new(),
         listeners: TaskTracker::new(),
         tunnels_cancel: CancellationToken::new(),
-        draining: AtomicBool::new(false),
+        connect_allow: config.connect_allow.clone(),
+        draining: CancellationToken::new(),
     });
 
     let admin_stop = CancellationToken::new();
@@ -148,7 +151,7 @@ pub async fn run(
     }
 
     tracing::info!(drain_timeout = ?node.limits.drain_timeout, "shutting down: closing public listeners, draining sessions");
-    node.draining.store(true, Ordering::Relaxed);
+    node.draining.cancel();
     drop(listeners.tunnel);
     node.registry.close_all();
     node.listeners.close();

@@ -7,14 +7,15 @@ use std::time::Instant;
 
 use relay_tunnel::keepalive;
 use relay_tunnel::metrics as m;
-use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, Registration};
+use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, Registration};
 use relay_tunnel::{h2conf, tls};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+use tracing::Instrument;
 
 use crate::Node;
-use crate::partner;
 use crate::registry::Carrier;
+use crate::{outbound, partner};
 
 /// Why an agent connection was refused before it became a tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +24,7 @@ enum Refused {
     Handshake(std::io::Error),
     #[error("TLS handshake not finished within {0:?}")]
     HandshakeTimeout(std::time::Duration),
-    #[error("no ALPN or unknown ALPN {0:?}; expected {alpn:?}", alpn = String::from_utf8_lossy(ALPN_INBOUND_V1))]
+    #[error("no ALPN or unknown ALPN {0:?}; expected {a:?} or {b:?}", a = String::from_utf8_lossy(ALPN_INBOUND_V1), b = String::from_utf8_lossy(ALPN_OUTBOUND_V1))]
     Alpn(Option<String>),
     #[error("certificate has no DNS or URI subject alternative name")]
     NoIdentity,
@@ -48,7 +49,7 @@ impl Refused {
 pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
     let started = Instant::now();
     let _ = stream.set_nodelay(true);
-    let (mut tls_stream, agent) = match authenticate(stream, &node).await {
+    let (mut tls_stream, agent, kind) = match authenticate(stream, &node).await {
         Ok(ok) => ok,
         Err(refused) => {
             metrics::counter!(m::REJECTIONS, "reason" => refused.label()).increment(1);
@@ -57,9 +58,20 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
             return;
         }
     };
+    if kind == Kind::Outbound {
+        let span = tracing::info_span!("tunnel", agent = %agent, %peer, kind = "outbound");
+        metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
+        let connected = metrics::gauge!(m::TUNNELS_CONNECTED, "agent" => agent.clone());
+        connected.increment(1.0);
+        span.in_scope(|| tracing::debug!("outbound tunnel up"));
+        let ended = outbound::serve(tls_stream, agent, node)
+            .instrument(span.clone())
+            .await;
+        connected.decrement(1.0);
+        span.in_scope(|| tracing::debug!(reason = %ended, "outbound tunnel down"));
+        return;
+    }
     let span = tracing::info_span!("tunnel", agent = %agent, %peer);
-    let _enter = span.enter();
-    drop(_enter);
     let remaining = node
         .tunnel
         .handshake_timeout
@@ -168,27 +180,37 @@ impl Drop for CarrierGuard<'_> {
     }
 }
 
+/// The role of a tunnel connection, from its ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Inbound,
+    Outbound,
+}
+
 async fn authenticate(
     stream: TcpStream,
     node: &Node,
-) -> Result<(TlsStream<TcpStream>, String), Refused> {
+) -> Result<(TlsStream<TcpStream>, String, Kind), Refused> {
     let t = &node.tunnel;
     let tls_stream = tokio::time::timeout(t.handshake_timeout, t.acceptor.accept(stream))
         .await
         .map_err(|_| Refused::HandshakeTimeout(t.handshake_timeout))?
         .map_err(Refused::Handshake)?;
     let (_, conn) = tls_stream.get_ref();
-    if conn.alpn_protocol() != Some(ALPN_INBOUND_V1) {
-        return Err(Refused::Alpn(
-            conn.alpn_protocol()
-                .map(|p| String::from_utf8_lossy(p).into_owned()),
-        ));
-    }
+    let kind = match conn.alpn_protocol() {
+        Some(ALPN_INBOUND_V1) => Kind::Inbound,
+        Some(ALPN_OUTBOUND_V1) => Kind::Outbound,
+        other => {
+            return Err(Refused::Alpn(
+                other.map(|p| String::from_utf8_lossy(p).into_owned()),
+            ));
+        }
+    };
     let agent = tls::peer_identity(conn).ok_or(Refused::NoIdentity)?;
     if let Some(allowed) = &t.agents
         && !allowed.iter().any(|a| a == &agent)
     {
         return Err(Refused::UnknownAgent(agent));
     }
-    Ok((tls_stream, agent))
+    Ok((tls_stream, agent, kind))
 }

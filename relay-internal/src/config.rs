@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_tunnel::config::{self as cfg, ConfigError, ListenSpec, TargetSpec};
-use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ServiceDecl};
+use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, ServiceDecl};
 use relay_tunnel::tls;
 use rustls::pki_types::ServerName;
 use serde::Deserialize;
@@ -45,6 +45,9 @@ struct Raw {
     limits: RawLimits,
     #[serde(default)]
     inbound: Vec<RawInbound>,
+    #[serde(default)]
+    outbound: Vec<RawOutbound>,
+    outbound_proxy: Option<RawProxy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +71,22 @@ struct RawLimits {
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
     drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    name: String,
+    listen: String,
+    target: String,
+    #[serde(default)]
+    via: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +137,26 @@ impl InboundService {
     }
 }
 
+/// An `[[outbound]]` mapping: engines connect `listen`, a DMZ node dials `target`.
+#[derive(Debug, Clone)]
+pub struct OutboundService {
+    /// Name (metric label, audit record).
+    pub name: String,
+    /// Local listen address.
+    pub listen: SocketAddr,
+    /// Destination `host:port` the DMZ dials.
+    pub target: String,
+    /// Indexes into [`AgentConfig::dmz`] of the nodes allowed to carry it; empty: all.
+    pub via: Vec<usize>,
+}
+
+impl AgentConfig {
+    /// Whether any outbound entry point is configured (outbound carriers are kept only then).
+    pub fn has_outbound(&self) -> bool {
+        !self.outbound.is_empty() || self.outbound_proxy.is_some()
+    }
+}
+
 /// `[limits]` of the agent.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -148,6 +187,12 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// Inbound services.
     pub inbound: Vec<InboundService>,
+    /// Outbound fixed mappings.
+    pub outbound: Vec<OutboundService>,
+    /// The HTTP CONNECT and SOCKS5 proxy address, if any.
+    pub outbound_proxy: Option<SocketAddr>,
+    /// TLS of the outbound carriers (same credentials, outbound ALPN).
+    pub tls_outbound: Arc<rustls::ClientConfig>,
 }
 
 impl AgentConfig {
@@ -230,12 +275,15 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         ),
     );
     let roots = err.check("tls.ca", tls::load_roots(&cfg::resolve(base, &raw.tls.ca)));
-    let tls = match (creds, roots) {
-        (Some(creds), Some(roots)) => err.check(
-            "tls.key",
-            tls::client_config(&creds, roots, &[ALPN_INBOUND_V1]),
+    let (tls, tls_outbound) = match (creds, roots) {
+        (Some(creds), Some(roots)) => (
+            err.check(
+                "tls.key",
+                tls::client_config(&creds, roots.clone(), &[ALPN_INBOUND_V1]),
+            ),
+            tls::client_config(&creds, roots, &[ALPN_OUTBOUND_V1]).ok(),
         ),
-        _ => None,
+        _ => (None, None),
     };
     let admin_listen = raw.admin.as_ref().and_then(|a| {
         err.check(
@@ -313,11 +361,61 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
             });
         }
     }
+    let mut outbound = Vec::new();
+    for (i, o) in raw.outbound.iter().enumerate() {
+        let key = |field: &str| format!("outbound[{i}].{field}");
+        if !protocol::valid_service_name(&o.name) {
+            err.push(key("name"), format!("invalid name {:?}: a letter, then letters, digits, '.', '_' or '-', 64 at most", o.name));
+        } else if !names.insert(o.name.clone()) {
+            err.push(key("name"), format!("name {:?} is used twice", o.name));
+        }
+        let listen = err.check(
+            key("listen"),
+            o.listen
+                .parse::<SocketAddr>()
+                .map_err(|_| format!("invalid socket address {:?}", o.listen)),
+        );
+        let target = err.check(
+            key("target"),
+            protocol::parse_destination(&o.target)
+                .map(|(h, p)| protocol::destination_authority(&h, p))
+                .ok_or_else(|| format!("invalid destination {:?} (expected HOST:PORT)", o.target)),
+        );
+        let mut via = Vec::new();
+        for (j, v) in o.via.iter().enumerate() {
+            match raw.dmz.iter().position(|d| d == v) {
+                Some(idx) => via.push(idx),
+                None => err.push(
+                    format!("outbound[{i}].via[{j}]"),
+                    format!("{v:?} is not one of the dmz addresses"),
+                ),
+            }
+        }
+        if let (Some(listen), Some(target)) = (listen, target) {
+            outbound.push(OutboundService {
+                name: o.name.clone(),
+                listen,
+                target,
+                via,
+            });
+        }
+    }
+    let outbound_proxy = raw.outbound_proxy.as_ref().and_then(|p| {
+        err.check(
+            "outbound_proxy.listen",
+            p.listen
+                .parse::<SocketAddr>()
+                .map_err(|_| format!("invalid socket address {:?}", p.listen)),
+        )
+    });
     err.into_result(|| AgentConfig {
         dmz,
         connections,
         keepalive,
         tls: tls.expect("checked"),
+        tls_outbound: tls_outbound.expect("same material as tls"),
+        outbound,
+        outbound_proxy,
         admin_listen,
         limits,
         inbound,

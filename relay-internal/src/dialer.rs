@@ -4,15 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use relay_tunnel::backoff::Backoff;
-use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, RegistrationAnswer};
+use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, RegistrationAnswer};
 use relay_tunnel::{h2conf, keepalive, metrics as m};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
 
 use crate::Agent;
 use crate::config::DmzNode;
 use crate::inbound;
+use crate::pool::OutCarrier;
 
 /// First reconnect delays are drawn from `[0, BACKOFF_BASE]`, so the first retry comes within 1 s.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -39,17 +42,36 @@ enum TunnelError {
     Http2(h2::Error),
 }
 
-/// Keeps tunnel connection `index` to `node` up until the agent stops.
-pub async fn maintain(agent: Arc<Agent>, node: DmzNode, index: usize) {
+/// The role of a tunnel connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The DMZ opens partner sessions toward us (we are the HTTP/2 server).
+    Inbound,
+    /// We open outbound sessions through the DMZ (we are the HTTP/2 client).
+    Outbound,
+}
+
+/// Keeps tunnel connection `index` of `kind` to node `node_idx` up until the agent stops.
+pub async fn maintain(agent: Arc<Agent>, node_idx: usize, node: DmzNode, index: usize, kind: Kind) {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     let mut last_failure: Option<String> = None;
     let reconnects = metrics::counter!(m::TUNNEL_RECONNECTS, "dmz" => node.addr.clone());
-    let mut was_up = false;
+    let kind_label = match kind {
+        Kind::Inbound => "inbound",
+        Kind::Outbound => "outbound",
+    };
     loop {
-        let span = tracing::info_span!("tunnel", dmz = %node.addr, conn = index);
-        let result = connect_and_serve(&agent, &node, index, &mut was_up)
-            .instrument(span.clone())
-            .await;
+        let span = tracing::info_span!("tunnel", dmz = %node.addr, conn = index, kind = kind_label);
+        let mut was_up = false;
+        let result = async {
+            let tls = dial(&agent, &node, kind).await?;
+            match kind {
+                Kind::Inbound => serve_inbound(&agent, &node, index, tls, &mut was_up).await,
+                Kind::Outbound => serve_outbound(&agent, node_idx, &node, tls, &mut was_up).await,
+            }
+        }
+        .instrument(span.clone())
+        .await;
         if agent.stop_tunnels.is_cancelled() {
             return;
         }
@@ -82,29 +104,41 @@ pub async fn maintain(agent: Arc<Agent>, node: DmzNode, index: usize) {
     }
 }
 
-/// One tunnel from dial to end. `Ok` carries why an established tunnel ended.
-async fn connect_and_serve(
-    agent: &Arc<Agent>,
+/// TCP, then TLS with the ALPN of `kind`.
+async fn dial(
+    agent: &Agent,
     node: &DmzNode,
-    index: usize,
-    was_up: &mut bool,
-) -> Result<String, TunnelError> {
+    kind: Kind,
+) -> Result<TlsStream<TcpStream>, TunnelError> {
     let timeout = agent.limits.connect_timeout;
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(node.addr.as_str()))
         .await
         .map_err(|_| TunnelError::ConnectTimeout(timeout))?
         .map_err(TunnelError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let mut tls = tokio::time::timeout(
-        timeout,
-        agent.connector.connect(node.server_name.clone(), tcp),
-    )
-    .await
-    .map_err(|_| TunnelError::ConnectTimeout(timeout))?
-    .map_err(TunnelError::Tls)?;
-    if tls.get_ref().1.alpn_protocol() != Some(ALPN_INBOUND_V1) {
+    let (connector, alpn) = match kind {
+        Kind::Inbound => (&agent.connector, ALPN_INBOUND_V1),
+        Kind::Outbound => (&agent.connector_out, ALPN_OUTBOUND_V1),
+    };
+    let tls = tokio::time::timeout(timeout, connector.connect(node.server_name.clone(), tcp))
+        .await
+        .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+        .map_err(TunnelError::Tls)?;
+    if tls.get_ref().1.alpn_protocol() != Some(alpn) {
         return Err(TunnelError::Alpn);
     }
+    Ok(tls)
+}
+
+/// Registers, then serves the session streams the DMZ opens. `Ok` says why the tunnel ended.
+async fn serve_inbound(
+    agent: &Arc<Agent>,
+    node: &DmzNode,
+    index: usize,
+    mut tls: TlsStream<TcpStream>,
+    was_up: &mut bool,
+) -> Result<String, TunnelError> {
+    let timeout = agent.limits.connect_timeout;
     let exchange = async {
         protocol::write_message(&mut tls, &agent.registration).await?;
         protocol::read_message::<RegistrationAnswer, _>(&mut tls)
@@ -116,11 +150,10 @@ async fn connect_and_serve(
         .map_err(|_| TunnelError::Registration(format!("no answer within {timeout:?}")))?
         .map_err(|e| TunnelError::Registration(e.to_string()))?;
     report_verdicts(&answer, index);
-    let mut connection =
-        tokio::time::timeout(timeout, h2conf::server().handshake::<_, bytes::Bytes>(tls))
-            .await
-            .map_err(|_| TunnelError::ConnectTimeout(timeout))?
-            .map_err(TunnelError::Http2)?;
+    let mut connection = tokio::time::timeout(timeout, h2conf::server().handshake::<_, Bytes>(tls))
+        .await
+        .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+        .map_err(TunnelError::Http2)?;
     let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
 
     metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
@@ -128,8 +161,11 @@ async fn connect_and_serve(
     *was_up = true;
     tracing::info!("tunnel up");
 
-    let rtt = metrics::histogram!(m::TUNNEL_RTT);
-    let keepalive = keepalive::run(ping_pong, agent.keepalive, rtt);
+    let keepalive = keepalive::run(
+        ping_pong,
+        agent.keepalive,
+        metrics::histogram!(m::TUNNEL_RTT),
+    );
     tokio::pin!(keepalive);
     let mut draining = false;
     loop {
@@ -152,6 +188,49 @@ async fn connect_and_serve(
             _ = agent.stop_tunnels.cancelled() => return Ok("agent stopped".into()),
         }
     }
+}
+
+/// Offers this connection to outbound sessions until it ends.
+async fn serve_outbound(
+    agent: &Arc<Agent>,
+    node_idx: usize,
+    node: &DmzNode,
+    tls: TlsStream<TcpStream>,
+    was_up: &mut bool,
+) -> Result<String, TunnelError> {
+    let timeout = agent.limits.connect_timeout;
+    let (send, mut connection) =
+        tokio::time::timeout(timeout, h2conf::client().handshake::<_, Bytes>(tls))
+            .await
+            .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+            .map_err(TunnelError::Http2)?;
+    let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
+    let id = fastrand::u64(..);
+    agent.pool.add(
+        node_idx,
+        Arc::new(OutCarrier {
+            id,
+            send,
+            active: Default::default(),
+        }),
+    );
+    *was_up = true;
+    tracing::debug!(dmz = %node.addr, "outbound tunnel up");
+    let keepalive = keepalive::run(
+        ping_pong,
+        agent.keepalive,
+        metrics::histogram!(m::TUNNEL_RTT),
+    );
+    let ended = tokio::select! {
+        r = &mut connection => match r {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => format!("connection failed: {e}"),
+        },
+        e = keepalive => e.to_string(),
+        _ = agent.stop_tunnels.cancelled() => "agent stopped".to_owned(),
+    };
+    agent.pool.remove(node_idx, id);
+    Ok(ended)
 }
 
 fn report_verdicts(answer: &RegistrationAnswer, index: usize) {

@@ -6,6 +6,10 @@
 pub mod config;
 pub mod dialer;
 pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod proxy;
+pub mod socks5;
 
 use std::collections::HashMap;
 use std::io;
@@ -26,6 +30,10 @@ use config::{InboundService, Limits};
 /// State shared by the tasks of one agent.
 pub struct Agent {
     pub(crate) connector: TlsConnector,
+    pub(crate) connector_out: TlsConnector,
+    /// Configured DMZ node addresses, by index.
+    pub(crate) nodes: Vec<String>,
+    pub(crate) pool: Arc<pool::Pool>,
     pub(crate) registration: Registration,
     pub(crate) services: HashMap<String, Arc<InboundService>>,
     pub(crate) keepalive: std::time::Duration,
@@ -102,6 +110,9 @@ pub async fn run(
     let metrics = relay_tunnel::telemetry::metrics_handle();
     let agent = Arc::new(Agent {
         connector: TlsConnector::from(config.tls.clone()),
+        connector_out: TlsConnector::from(config.tls_outbound.clone()),
+        nodes: config.dmz.iter().map(|n| n.addr.clone()).collect(),
+        pool: pool::Pool::new(config.dmz.len()),
         registration: Registration {
             instance: format!("{:016x}", fastrand::u64(..)),
             services: config.inbound.iter().map(InboundService::decl).collect(),
@@ -132,12 +143,53 @@ pub async fn run(
         ))
     });
 
+    // Bind the engine-facing listeners first: a taken port is a startup error, not a log line.
+    let mut fixed = Vec::new();
+    for spec in &config.outbound {
+        let listener = TcpListener::bind(spec.listen).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("outbound {:?}: cannot bind {}: {e}", spec.name, spec.listen),
+            )
+        })?;
+        fixed.push((spec.clone(), listener));
+    }
+    let proxy_listener = match config.outbound_proxy {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            io::Error::new(e.kind(), format!("outbound_proxy: cannot bind {addr}: {e}"))
+        })?),
+        None => None,
+    };
+
     let tunnels = TaskTracker::new();
-    for node in &config.dmz {
+    let kinds: &[dialer::Kind] = if config.has_outbound() {
+        &[dialer::Kind::Inbound, dialer::Kind::Outbound]
+    } else {
+        &[dialer::Kind::Inbound]
+    };
+    for (node_idx, node) in config.dmz.iter().enumerate() {
         for index in 0..config.connections {
-            tunnels.spawn(dialer::maintain(agent.clone(), node.clone(), index));
+            for &kind in kinds {
+                tunnels.spawn(dialer::maintain(
+                    agent.clone(),
+                    node_idx,
+                    node.clone(),
+                    index,
+                    kind,
+                ));
+            }
         }
     }
+    let entry_points = TaskTracker::new();
+    for (spec, listener) in fixed {
+        tracing::info!(service = %spec.name, listen = %spec.listen, target = %spec.target, "outbound listener up");
+        entry_points.spawn(outbound::serve_fixed(agent.clone(), spec, listener));
+    }
+    if let Some(listener) = proxy_listener {
+        tracing::info!(listen = ?listener.local_addr().ok(), "outbound proxy (HTTP CONNECT and SOCKS5) up");
+        entry_points.spawn(proxy::serve(agent.clone(), listener));
+    }
+    entry_points.close();
     tracing::info!(
         instance = %agent.registration.instance,
         nodes = config.dmz.len(),
@@ -149,6 +201,7 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!(drain_timeout = ?agent.limits.drain_timeout, "shutting down: no new sessions, draining");
     agent.drain.cancel();
+    entry_points.wait().await;
     agent.sessions.close();
     if tokio::time::timeout(agent.limits.drain_timeout, agent.sessions.wait())
         .await

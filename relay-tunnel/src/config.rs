@@ -305,6 +305,89 @@ impl AddrRule {
     }
 }
 
+/// An outbound destination rule of `policy.connect_allow`: a host name pattern
+/// (`partner.example.com`, `*.example.com`) or a network (`203.0.113.0/24`, `[2001:db8::/32]`),
+/// then `:PORT`, `:FIRST-LAST` or `:*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectRule {
+    /// A host name, exact or `*.` suffix wildcard (lowercase).
+    Name {
+        /// The pattern.
+        pattern: String,
+        /// The ports.
+        ports: PortRange,
+    },
+    /// Addresses inside a network.
+    Net(AddrRule),
+}
+
+impl FromStr for ConnectRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(rule) = s.parse::<AddrRule>() {
+            return Ok(ConnectRule::Net(rule));
+        }
+        let bad = || {
+            format!(
+                "invalid destination rule {s:?} (expected HOST:PORTS or CIDR:PORTS; PORTS is a port, FIRST-LAST or *)"
+            )
+        };
+        let (host, ports) = s.rsplit_once(':').ok_or_else(bad)?;
+        let ports = if ports == "*" {
+            PortRange {
+                first: 0,
+                last: u16::MAX,
+            }
+        } else {
+            ports.parse().map_err(|_| bad())?
+        };
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+            && !name.starts_with('.')
+            && name.parse::<IpAddr>().is_err();
+        if !valid {
+            return Err(bad());
+        }
+        Ok(ConnectRule::Name {
+            pattern: host.to_ascii_lowercase(),
+            ports,
+        })
+    }
+}
+
+impl ConnectRule {
+    /// Whether the rule admits host name `host` (lowercase) on `port`.
+    pub fn admits_name(&self, host: &str, port: u16) -> bool {
+        match self {
+            ConnectRule::Name { pattern, ports } => {
+                ports.contains(port)
+                    && match pattern.strip_prefix("*.") {
+                        Some(suffix) => {
+                            host.len() > suffix.len() + 1
+                                && host.ends_with(suffix)
+                                && host[..host.len() - suffix.len()].ends_with('.')
+                        }
+                        None => host == pattern,
+                    }
+            }
+            ConnectRule::Net(_) => false,
+        }
+    }
+
+    /// Whether the rule admits address `addr`.
+    pub fn admits_addr(&self, addr: SocketAddr) -> bool {
+        match self {
+            ConnectRule::Net(rule) => {
+                rule.net.contains(&addr.ip()) && rule.ports.contains(addr.port())
+            }
+            ConnectRule::Name { .. } => false,
+        }
+    }
+}
+
 /// Parses a list of CIDR networks (a bare address is a /32 or /128), recording problems at
 /// `key[i]`.
 pub fn parse_networks(err: &mut ConfigError, key: &str, raw: &[String]) -> Vec<IpNet> {
@@ -362,6 +445,27 @@ mod tests {
         let v6: AddrRule = "[::/0]:443".parse().unwrap();
         assert!(v6.covers(&"[::1]:443".parse().unwrap()));
         assert!("nonsense:1".parse::<AddrRule>().is_err());
+    }
+
+    #[test]
+    fn connect_rules_match_names_wildcards_and_networks() {
+        let exact: ConnectRule = "Partner.example.com:443".parse().unwrap();
+        assert!(exact.admits_name("partner.example.com", 443));
+        assert!(!exact.admits_name("partner.example.com", 80));
+        assert!(!exact.admits_name("evil.partner.example.com", 443));
+        let wild: ConnectRule = "*.example.com:*".parse().unwrap();
+        assert!(wild.admits_name("a.example.com", 1));
+        assert!(!wild.admits_name("example.com", 1));
+        assert!(!wild.admits_name("badexample.com", 1));
+        let net: ConnectRule = "203.0.113.0/24:*".parse().unwrap();
+        assert!(net.admits_addr("203.0.113.9:22".parse().unwrap()));
+        assert!(!net.admits_addr("10.0.0.1:22".parse().unwrap()));
+        assert!(!net.admits_name("203.0.113.9", 22));
+        let v6: ConnectRule = "[2001:db8::/32]:443".parse().unwrap();
+        assert!(v6.admits_addr("[2001:db8::1]:443".parse().unwrap()));
+        for bad in ["", "host", "host:x", ".x:1", "a b:1", "*.:1"] {
+            assert!(bad.parse::<ConnectRule>().is_err(), "{bad}");
+        }
     }
 
     #[test]

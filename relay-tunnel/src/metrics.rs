@@ -43,6 +43,8 @@ pub const DURATION_BUCKETS: &[f64] = &[
 
 /// Session direction label: partner to trading engine.
 pub const INBOUND: &str = "inbound";
+/// Session direction label: trading engine to partner.
+pub const OUTBOUND: &str = "outbound";
 /// Bytes direction label: from the partner toward the target.
 pub const PARTNER_TO_TARGET: &str = "partner_to_target";
 /// Bytes direction label: from the target toward the partner.

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 /// ALPN of an inbound carrier, version 1: the agent dials, then the DMZ is the HTTP/2 client.
 pub const ALPN_INBOUND_V1: &[u8] = b"relay-inbound/1";
 
+/// ALPN of an outbound carrier, version 1: the agent dials and is the HTTP/2 client; each
+/// stream asks the DMZ to dial a partner `host:port`.
+pub const ALPN_OUTBOUND_V1: &[u8] = b"relay-outbound/1";
+
 /// Largest registration or registration answer accepted, in bytes (after the length prefix).
 pub const MAX_MESSAGE_LEN: usize = 256 * 1024;
 
@@ -20,6 +24,9 @@ pub const HEADER_PARTNER: &str = "relay-partner";
 pub const HEADER_LOCAL: &str = "relay-local";
 /// Header carrying the session id the DMZ chose.
 pub const HEADER_SESSION: &str = "relay-session";
+/// Header of an outbound session: the agent's name for it (`[[outbound]]` name or `proxy`),
+/// used as the `service` label on the DMZ.
+pub const HEADER_SERVICE: &str = "relay-service";
 /// Header of a non-200 answer: one line saying why the session was refused.
 pub const HEADER_REASON: &str = "relay-reason";
 
@@ -168,6 +175,37 @@ pub fn parse_session_authority(authority: &str) -> Option<(&str, u16)> {
     Some((service, port.parse().ok()?))
 }
 
+/// Splits an outbound CONNECT authority `host:port` (`[v6]:port` for IPv6) into host and port.
+pub fn parse_destination(authority: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:")?;
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        (host, port)
+    } else {
+        let (host, port) = authority.rsplit_once(':')?;
+        if host.contains(':') {
+            return None;
+        }
+        (host, port)
+    };
+    let port: u16 = port.parse().ok()?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+    (host_ok && port != 0).then(|| (host.to_ascii_lowercase(), port))
+}
+
+/// Joins a host and port into a CONNECT authority, bracketing IPv6 addresses.
+pub fn destination_authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Session metadata the DMZ sends with each inbound stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionMeta {
@@ -228,6 +266,8 @@ pub enum Refusal {
     TargetTimeout,
     /// The agent is draining or at its session limit (503).
     Unavailable,
+    /// The DMZ policy does not allow the destination (403, outbound only).
+    PolicyDenied,
 }
 
 impl Refusal {
@@ -239,6 +279,7 @@ impl Refusal {
             Refusal::TargetRefused => http::StatusCode::BAD_GATEWAY,
             Refusal::TargetTimeout => http::StatusCode::GATEWAY_TIMEOUT,
             Refusal::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::PolicyDenied => http::StatusCode::FORBIDDEN,
         }
     }
 
@@ -250,6 +291,7 @@ impl Refusal {
             502 => Refusal::TargetRefused,
             504 => Refusal::TargetTimeout,
             503 => Refusal::Unavailable,
+            403 => Refusal::PolicyDenied,
             _ => return None,
         })
     }
@@ -262,6 +304,7 @@ impl Refusal {
             Refusal::TargetRefused => "target_refused",
             Refusal::TargetTimeout => "target_timeout",
             Refusal::Unavailable => "unavailable",
+            Refusal::PolicyDenied => "policy_denied",
         }
     }
 }
@@ -322,6 +365,34 @@ mod tests {
     }
 
     #[test]
+    fn destinations_parse_names_and_addresses() {
+        assert_eq!(
+            parse_destination("Partner.Example.com:443"),
+            Some(("partner.example.com".into(), 443))
+        );
+        assert_eq!(
+            parse_destination("[2001:db8::1]:22"),
+            Some(("2001:db8::1".into(), 22))
+        );
+        assert_eq!(
+            parse_destination(&destination_authority("2001:db8::1", 22)),
+            Some(("2001:db8::1".into(), 22))
+        );
+        for bad in [
+            "",
+            "host",
+            "host:0",
+            ":80",
+            "a b:80",
+            "[nothex]:80",
+            "2001:db8::1:22",
+            "h:99999",
+        ] {
+            assert_eq!(parse_destination(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn metadata_round_trips_and_rejects_garbage() {
         let meta = SessionMeta {
             partner: "198.51.100.7:40000".parse().unwrap(),
@@ -343,6 +414,7 @@ mod tests {
             Refusal::TargetRefused,
             Refusal::TargetTimeout,
             Refusal::Unavailable,
+            Refusal::PolicyDenied,
         ] {
             assert_eq!(Refusal::from_status(r.status()), Some(r));
         }

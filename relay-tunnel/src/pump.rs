@@ -128,7 +128,7 @@ async fn socket_to_stream(
 }
 
 /// Sends `data` as the peer's window admits it.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), PumpError> {
+pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), PumpError> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let mut granted = send.capacity();

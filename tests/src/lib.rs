@@ -85,6 +85,8 @@ pub struct DmzOptions {
     pub public_bind: Option<String>,
     /// `policy.listen_allow`.
     pub listen_allow: Vec<String>,
+    /// `policy.connect_allow`.
+    pub connect_allow: Vec<String>,
     /// Extra TOML appended under `[limits]`.
     pub limits: String,
 }
@@ -98,6 +100,7 @@ impl Default for DmzOptions {
             agents: None,
             public_bind: None,
             listen_allow: vec!["127.0.0.0/8:1024-65535".into()],
+            connect_allow: Vec::new(),
             limits: String::new(),
         }
     }
@@ -121,7 +124,10 @@ impl DmzOptions {
         if let Some(bind) = &self.public_bind {
             s += &format!("\n[public]\nbind = \"{bind}\"\n");
         }
-        s += &format!("\n[policy]\nlisten_allow = {:?}\n", self.listen_allow);
+        s += &format!(
+            "\n[policy]\nlisten_allow = {:?}\nconnect_allow = {:?}\n",
+            self.listen_allow, self.connect_allow
+        );
         s += &format!("\n[limits]\n{}\n", self.limits);
         s
     }
@@ -169,6 +175,8 @@ pub struct AgentOptions {
     pub services: Vec<Service>,
     /// Extra TOML under `[limits]`.
     pub limits: String,
+    /// Extra TOML tables appended at the end (`[[outbound]]`, `[outbound_proxy]`).
+    pub extra: String,
 }
 
 impl AgentOptions {
@@ -182,6 +190,7 @@ impl AgentOptions {
             keepalive: "1s",
             services,
             limits: String::new(),
+            extra: String::new(),
         }
     }
 
@@ -204,6 +213,7 @@ impl AgentOptions {
                 svc.name, svc.listen, svc.target, svc.extra
             );
         }
+        s += &self.extra;
         s
     }
 }
@@ -243,7 +253,9 @@ impl Drop for InProcess {
 pub async fn start_dmz(pki: &Pki, opts: &DmzOptions) -> InProcess {
     let path = pki.write(&format!("dmz-{}.toml", opts.tunnel.port()), &opts.toml(pki));
     let config = relay_dmz::DmzConfig::load(&path).unwrap_or_else(|e| panic!("DMZ config: {e}"));
-    let listeners = relay_dmz::Listeners::bind(&config).await.expect("bind DMZ listeners");
+    let listeners = relay_dmz::Listeners::bind(&config)
+        .await
+        .expect("bind DMZ listeners");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay_dmz::run(config, listeners, shutdown.clone()));
     InProcess {
@@ -254,9 +266,15 @@ pub async fn start_dmz(pki: &Pki, opts: &DmzOptions) -> InProcess {
 
 /// Starts an agent in-process from `opts`.
 pub async fn start_agent(pki: &Pki, opts: &AgentOptions) -> InProcess {
-    let path = pki.write(&format!("agent-{}.toml", opts.admin.port()), &opts.toml(pki));
-    let config = relay_internal::AgentConfig::load(&path).unwrap_or_else(|e| panic!("agent config: {e}"));
-    let admin = tokio::net::TcpListener::bind(opts.admin).await.expect("bind agent admin");
+    let path = pki.write(
+        &format!("agent-{}.toml", opts.admin.port()),
+        &opts.toml(pki),
+    );
+    let config =
+        relay_internal::AgentConfig::load(&path).unwrap_or_else(|e| panic!("agent config: {e}"));
+    let admin = tokio::net::TcpListener::bind(opts.admin)
+        .await
+        .expect("bind agent admin");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay_internal::run(config, Some(admin), shutdown.clone()));
     InProcess {
@@ -308,7 +326,10 @@ pub fn spawn_bin(name: &str, config: &Path) -> ChildGuard {
 pub fn spawn_command(cmd: &mut Command) -> ChildGuard {
     let child = cmd
         .stdin(Stdio::null())
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .spawn()
         .expect("spawn binary");
     ChildGuard { child }
@@ -316,7 +337,10 @@ pub fn spawn_command(cmd: &mut Command) -> ChildGuard {
 
 /// Starts an agent as a process from `opts`.
 pub fn spawn_agent(pki: &Pki, opts: &AgentOptions) -> ChildGuard {
-    let path = pki.write(&format!("agent-{}.toml", opts.admin.port()), &opts.toml(pki));
+    let path = pki.write(
+        &format!("agent-{}.toml", opts.admin.port()),
+        &opts.toml(pki),
+    );
     spawn_bin("relay-internal", &path)
 }
 
@@ -378,7 +402,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 

@@ -16,9 +16,16 @@ async fn echo_through_the_relay_and_listener_follows_the_agent() {
     let _dmz = start_dmz(&pki, &dmz_opts).await;
     let port = free_port();
     let public: SocketAddr = ([127, 0, 0, 1], port).into();
-    assert!(!accepts(public).await, "no agent yet: the public port must refuse");
+    assert!(
+        !accepts(public).await,
+        "no agent yet: the public port must refuse"
+    );
 
-    let agent = start_agent(&pki, &AgentOptions::new(dmz_opts.tunnel, vec![Service::new("echo", port, echo.addr)])).await;
+    let agent = start_agent(
+        &pki,
+        &AgentOptions::new(dmz_opts.tunnel, vec![Service::new("echo", port, echo.addr)]),
+    )
+    .await;
     wait_open(public, Duration::from_secs(10)).await;
 
     let mut s = TcpStream::connect(public).await.unwrap();

@@ -1,0 +1,331 @@
+//! Outbound carriers: the agent is the HTTP/2 client and each stream asks the DMZ to dial a
+//! partner. The DMZ resolves names itself, checks every address against
+//! `policy.connect_allow`, and dials only the addresses it checked (no DNS-rebinding way
+//! around the policy).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response};
+use relay_tunnel::config::ConnectRule;
+use relay_tunnel::metrics as m;
+use relay_tunnel::protocol::{self, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal};
+use relay_tunnel::pump::{self, PumpCounters, PumpError};
+use relay_tunnel::{h2conf, keepalive};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tracing::Instrument;
+
+use crate::Node;
+
+/// Drives one outbound carrier until it ends.
+pub async fn serve(tls: TlsStream<TcpStream>, agent: String, node: Arc<Node>) -> String {
+    let mut connection = match tokio::time::timeout(
+        node.tunnel.handshake_timeout,
+        h2conf::server().handshake::<_, Bytes>(tls),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return format!("HTTP/2 handshake: {e}"),
+        Err(_) => return "HTTP/2 handshake timed out".into(),
+    };
+    let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
+    let keepalive = keepalive::run(
+        ping_pong,
+        node.tunnel.keepalive,
+        metrics::histogram!(m::TUNNEL_RTT),
+    );
+    tokio::pin!(keepalive);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    let node2 = node.clone();
+                    let agent = agent.clone();
+                    node.sessions.spawn(async move { session(node2, agent, request, respond).await });
+                }
+                Some(Err(e)) => return format!("connection failed: {e}"),
+                None => return "closed by the agent".into(),
+            },
+            e = &mut keepalive => return e.to_string(),
+            _ = node.draining.cancelled(), if !draining => {
+                connection.graceful_shutdown();
+                draining = true;
+            }
+            _ = node.tunnels_cancel.cancelled() => return "node shutting down".into(),
+        }
+    }
+}
+
+async fn session(
+    node: Arc<Node>,
+    agent: String,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let started = Instant::now();
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+    let service = header(HEADER_SERVICE)
+        .filter(|s| protocol::valid_service_name(s))
+        .unwrap_or("unnamed")
+        .to_owned();
+    let session_id = header(HEADER_SESSION)
+        .filter(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(str::to_owned)
+        .unwrap_or_else(protocol::new_session_id);
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::OUTBOUND, %agent, destination = %authority);
+    async move {
+        let permit = node.session_limit.clone().try_acquire_owned();
+        let dialed = match permit {
+            Ok(_) => dial(&node, &request, &authority).await,
+            Err(_) => {
+                metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
+                Err((Refusal::Unavailable, "DMZ node at its session limit".into()))
+            }
+        };
+        let outcome = match dialed {
+            Ok(partner) => {
+                metrics::histogram!(m::SESSION_SETUP, "direction" => m::OUTBOUND).record(started.elapsed().as_secs_f64());
+                match respond.send_response(Response::new(()), false) {
+                    Ok(send) => relay(&node, &service, partner, send, request.into_body()).await,
+                    Err(_) => "reset",
+                }
+            }
+            Err((refusal, reason)) => {
+                if refusal == Refusal::PolicyDenied {
+                    metrics::counter!(m::REJECTIONS, "reason" => "policy_denied").increment(1);
+                    tracing::info!(%reason, "outbound destination denied by policy");
+                } else {
+                    tracing::debug!(%reason, "outbound dial failed");
+                }
+                let mut response = Response::new(());
+                *response.status_mut() = refusal.status();
+                if let Ok(v) = http::HeaderValue::try_from(reason.replace(['\r', '\n'], " ")) {
+                    response.headers_mut().insert(HEADER_REASON, v);
+                }
+                let _ = respond.send_response(response, true);
+                refusal.label()
+            }
+        };
+        metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::OUTBOUND, "result" => outcome).increment(1);
+    }
+    .instrument(span)
+    .await;
+}
+
+type Refused = (Refusal, String);
+
+async fn dial(
+    node: &Node,
+    request: &Request<RecvStream>,
+    authority: &str,
+) -> Result<TcpStream, Refused> {
+    if request.method() != Method::CONNECT {
+        return Err((Refusal::BadRequest, "only CONNECT".into()));
+    }
+    let (host, port) = protocol::parse_destination(authority).ok_or((
+        Refusal::BadRequest,
+        format!("invalid destination {authority:?}"),
+    ))?;
+    if node.draining.is_cancelled() {
+        return Err((Refusal::Unavailable, "DMZ node draining".into()));
+    }
+    let addrs = allowed_addrs(
+        &node.connect_allow,
+        &host,
+        port,
+        node.limits.connect_timeout,
+    )
+    .await?;
+    let deadline = Instant::now() + node.limits.connect_timeout;
+    let mut last = (
+        Refusal::TargetTimeout,
+        format!("connect to {authority} timed out"),
+    );
+    for addr in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(left, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = (Refusal::TargetRefused, format!("connect to {addr}: {e}")),
+            Err(_) => {
+                last = (
+                    Refusal::TargetTimeout,
+                    format!("connect to {addr} timed out"),
+                )
+            }
+        }
+    }
+    Err(last)
+}
+
+/// The addresses of `host:port` the policy admits: all of them when a name rule matches the
+/// host, else those inside a network rule. Names are resolved here, once.
+async fn allowed_addrs(
+    rules: &[ConnectRule],
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>, Refused> {
+    let denied = || {
+        (
+            Refusal::PolicyDenied,
+            format!(
+                "{} is not allowed by policy.connect_allow",
+                protocol::destination_authority(host, port)
+            ),
+        )
+    };
+    if rules.is_empty() {
+        return Err(denied());
+    }
+    let by_name =
+        host.parse::<IpAddr>().is_err() && rules.iter().any(|r| r.admits_name(host, port));
+    let resolved: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => {
+            // A name no rule could admit is not resolved at all unless a network rule exists.
+            if !by_name && !rules.iter().any(|r| matches!(r, ConnectRule::Net(_))) {
+                return Err(denied());
+            }
+            match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
+                Ok(Ok(addrs)) => addrs.collect(),
+                Ok(Err(e)) => {
+                    return Err((
+                        Refusal::TargetRefused,
+                        format!("cannot resolve {host}: {e}"),
+                    ));
+                }
+                Err(_) => {
+                    return Err((
+                        Refusal::TargetTimeout,
+                        format!("resolving {host} timed out"),
+                    ));
+                }
+            }
+        }
+    };
+    let allowed: Vec<SocketAddr> = resolved
+        .into_iter()
+        .filter(|a| by_name || rules.iter().any(|r| r.admits_addr(*a)))
+        .collect();
+    if allowed.is_empty() {
+        return Err(denied());
+    }
+    Ok(allowed)
+}
+
+async fn relay(
+    node: &Node,
+    service: &str,
+    partner: TcpStream,
+    send: h2::SendStream<Bytes>,
+    recv: RecvStream,
+) -> &'static str {
+    let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::OUTBOUND);
+    active.increment(1.0);
+    let counters = PumpCounters {
+        to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
+        to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
+    };
+    let started = Instant::now();
+    let (moved, result) = pump::pump(
+        partner,
+        send,
+        recv,
+        &counters,
+        node.limits.idle_timeout,
+        &node.sessions_cancel,
+    )
+    .await;
+    active.decrement(1.0);
+    metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(()) => tracing::debug!(
+            up = moved.to_stream,
+            down = moved.to_socket,
+            "session closed"
+        ),
+        Err(e) => {
+            tracing::debug!(up = moved.to_stream, down = moved.to_socket, error = %e, "session ended")
+        }
+    }
+    match result {
+        Ok(()) => "ok",
+        Err(PumpError::Stopped) => "drain_timeout",
+        Err(PumpError::Idle(_)) => "idle",
+        Err(_) => "reset",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(list: &[&str]) -> Vec<ConnectRule> {
+        list.iter().map(|r| r.parse().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn ip_destinations_need_a_network_rule() {
+        let r = rules(&["127.0.0.0/8:1000-2000"]);
+        let t = Duration::from_secs(1);
+        assert!(allowed_addrs(&r, "127.0.0.1", 1500, t).await.is_ok());
+        assert_eq!(
+            allowed_addrs(&r, "127.0.0.1", 80, t).await.unwrap_err().0,
+            Refusal::PolicyDenied
+        );
+        assert_eq!(
+            allowed_addrs(&r, "10.0.0.1", 1500, t).await.unwrap_err().0,
+            Refusal::PolicyDenied
+        );
+        assert_eq!(
+            allowed_addrs(&[], "127.0.0.1", 1500, t)
+                .await
+                .unwrap_err()
+                .0,
+            Refusal::PolicyDenied
+        );
+    }
+
+    #[tokio::test]
+    async fn names_resolve_and_are_checked_by_address_unless_a_name_rule_admits_them() {
+        let t = Duration::from_secs(5);
+        let by_net = rules(&["127.0.0.0/8:*"]);
+        let addrs = allowed_addrs(&by_net, "localhost", 443, t).await.unwrap();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()));
+        let other_net = rules(&["203.0.113.0/24:*"]);
+        assert_eq!(
+            allowed_addrs(&other_net, "localhost", 443, t)
+                .await
+                .unwrap_err()
+                .0,
+            Refusal::PolicyDenied
+        );
+        let by_name = rules(&["localhost:443"]);
+        assert!(allowed_addrs(&by_name, "localhost", 443, t).await.is_ok());
+        assert_eq!(
+            allowed_addrs(&by_name, "localhost", 80, t)
+                .await
+                .unwrap_err()
+                .0,
+            Refusal::PolicyDenied
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! Outbound sessions (trading engine to partner): open a stream on a DMZ node that dials the
+//! partner, trying the next node when one cannot, then pump bytes. Entry points: fixed
+//! `[[outbound]]` listeners here, the HTTP CONNECT / SOCKS5 proxy in `proxy.rs`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use relay_tunnel::h2conf::ANSWER_MARGIN;
+use relay_tunnel::metrics as m;
+use relay_tunnel::protocol::{self, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal};
+use relay_tunnel::pump::{self, PumpCounters, PumpError};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use crate::Agent;
+use crate::config::OutboundService;
+use crate::pool::Lease;
+
+/// Pause after a failed accept.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// An outbound stream the DMZ answered with 200.
+pub struct Opened {
+    /// Counts the session against its node until dropped.
+    pub lease: Lease,
+    /// Toward the partner.
+    pub send: h2::SendStream<Bytes>,
+    /// From the partner.
+    pub recv: h2::RecvStream,
+}
+
+/// Asks DMZ nodes, best first, to dial `destination` (`host:port`); returns the first stream
+/// a node accepted, or the most telling refusal.
+pub async fn open(
+    agent: &Agent,
+    destination: &str,
+    service: &str,
+    session: &str,
+    via: &[usize],
+) -> Result<Opened, (Refusal, String)> {
+    let plan = agent.pool.plan(via);
+    if plan.is_empty() {
+        return Err((Refusal::Unavailable, "no DMZ node connected".into()));
+    }
+    let mut failures: Vec<(Refusal, String)> = Vec::new();
+    for lease in plan {
+        let node = &agent.nodes[lease.node()];
+        let wait = agent.limits.connect_timeout + ANSWER_MARGIN;
+        match tokio::time::timeout(wait, request(&lease, destination, service, session)).await {
+            Ok(Ok((send, recv))) => return Ok(Opened { lease, send, recv }),
+            Ok(Err(failure)) => {
+                tracing::debug!(dmz = %node, refusal = ?failure.0, reason = %failure.1, "DMZ node could not open the session; trying the next");
+                failures.push(failure);
+            }
+            Err(_) => {
+                tracing::debug!(dmz = %node, "DMZ node did not answer in time; trying the next");
+                failures.push((
+                    Refusal::TargetTimeout,
+                    format!("{node} did not answer within {wait:?}"),
+                ));
+            }
+        }
+    }
+    // A dial failure says more about the partner than a policy or availability refusal.
+    let rank = |r: Refusal| match r {
+        Refusal::TargetRefused => 0,
+        Refusal::TargetTimeout => 1,
+        Refusal::PolicyDenied => 2,
+        _ => 3,
+    };
+    failures.sort_by_key(|(r, _)| rank(*r));
+    Err(failures.swap_remove(0))
+}
+
+async fn request(
+    lease: &Lease,
+    destination: &str,
+    service: &str,
+    session: &str,
+) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), (Refusal, String)> {
+    let tunnel = |e: h2::Error| (Refusal::Unavailable, format!("tunnel: {e}"));
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(destination)
+        .body(())
+        .map_err(|_| {
+            (
+                Refusal::BadRequest,
+                format!("invalid destination {destination:?}"),
+            )
+        })?;
+    let headers = req.headers_mut();
+    for (name, value) in [(HEADER_SERVICE, service), (HEADER_SESSION, session)] {
+        if let Ok(v) = http::HeaderValue::try_from(value) {
+            headers.insert(name, v);
+        }
+    }
+    let mut send_request = lease.carrier().send.clone().ready().await.map_err(tunnel)?;
+    let (response, mut send) = send_request.send_request(req, false).map_err(tunnel)?;
+    let response = response.await.map_err(tunnel)?;
+    if response.status() == StatusCode::OK {
+        return Ok((send, response.into_body()));
+    }
+    send.send_reset(h2::Reason::CANCEL);
+    let reason = response
+        .headers()
+        .get(HEADER_REASON)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Err((
+        Refusal::from_status(response.status()).unwrap_or(Refusal::BadRequest),
+        reason,
+    ))
+}
+
+/// Pumps an opened outbound session with the engine's connection and writes its audit
+/// record. `prefix` holds bytes the engine sent already (after a proxy request).
+pub async fn relay(
+    agent: &Agent,
+    service: &str,
+    session: &str,
+    engine: TcpStream,
+    mut opened: Opened,
+    prefix: Bytes,
+    started: Instant,
+) {
+    let dmz = agent.nodes[opened.lease.node()].clone();
+    metrics::histogram!(m::SESSION_SETUP, "direction" => m::OUTBOUND)
+        .record(started.elapsed().as_secs_f64());
+    let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::OUTBOUND);
+    active.increment(1.0);
+    let counters = PumpCounters {
+        to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
+        to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
+    };
+    let (moved, result) = if prefix.is_empty() {
+        pump::pump(
+            engine,
+            opened.send,
+            opened.recv,
+            &counters,
+            agent.limits.idle_timeout,
+            &agent.stop_sessions,
+        )
+        .await
+    } else {
+        let n = prefix.len() as u64;
+        match pump::send_all(&mut opened.send, prefix).await {
+            Ok(()) => {
+                counters.to_stream.increment(n);
+                let (mut moved, result) = pump::pump(
+                    engine,
+                    opened.send,
+                    opened.recv,
+                    &counters,
+                    agent.limits.idle_timeout,
+                    &agent.stop_sessions,
+                )
+                .await;
+                moved.to_stream += n;
+                (moved, result)
+            }
+            Err(e) => (Default::default(), Err(e)),
+        }
+    };
+    active.decrement(1.0);
+    drop(opened.lease);
+    let outcome = match &result {
+        Ok(()) => "ok",
+        Err(PumpError::Idle(_)) => "idle",
+        Err(PumpError::Stopped) => "drain_timeout",
+        Err(_) => "reset",
+    };
+    audit(
+        service,
+        session,
+        &dmz,
+        started.elapsed(),
+        moved.to_socket,
+        moved.to_stream,
+        outcome,
+    );
+}
+
+/// Counts and audits an outbound session that never started.
+pub fn refused(service: &str, session: &str, refusal: Refusal, reason: &str, started: Instant) {
+    let level_warn = matches!(refusal, Refusal::PolicyDenied | Refusal::Unavailable);
+    if level_warn {
+        tracing::warn!(refusal = refusal.label(), %reason, "outbound session refused");
+    } else {
+        tracing::info!(refusal = refusal.label(), %reason, "outbound session failed");
+    }
+    audit(
+        service,
+        session,
+        "-",
+        started.elapsed(),
+        0,
+        0,
+        refusal.label(),
+    );
+}
+
+fn audit(
+    service: &str,
+    session: &str,
+    dmz: &str,
+    duration: Duration,
+    to_engine: u64,
+    to_partner: u64,
+    outcome: &'static str,
+) {
+    metrics::counter!(m::SESSIONS_TOTAL, "service" => service.to_owned(), "direction" => m::OUTBOUND, "result" => outcome).increment(1);
+    tracing::info!(
+        target: "relay::audit",
+        session,
+        service,
+        direction = m::OUTBOUND,
+        dmz,
+        duration_ms = duration.as_millis() as u64,
+        bytes_partner_to_target = to_engine,
+        bytes_target_to_partner = to_partner,
+        outcome,
+        "session"
+    );
+}
+
+/// Accepts engine connections on a fixed `[[outbound]]` listener until `stop` is cancelled.
+pub async fn serve_fixed(agent: Arc<Agent>, spec: OutboundService, listener: TcpListener) {
+    loop {
+        let (engine, peer) = tokio::select! {
+            _ = agent.drain.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(service = %spec.name, error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let agent2 = agent.clone();
+        let spec = spec.clone();
+        let session = protocol::new_session_id();
+        let span = tracing::info_span!("session", id = %session, service = %spec.name, direction = m::OUTBOUND, engine = %peer, destination = %spec.target);
+        agent.sessions.spawn(
+            async move {
+                let started = Instant::now();
+                let Ok(_permit) = agent2.session_limit.clone().try_acquire_owned() else {
+                    return refused(
+                        &spec.name,
+                        &session,
+                        Refusal::Unavailable,
+                        "agent at its session limit",
+                        started,
+                    );
+                };
+                let _ = engine.set_nodelay(true);
+                match open(&agent2, &spec.target, &spec.name, &session, &spec.via).await {
+                    Ok(opened) => {
+                        relay(
+                            &agent2,
+                            &spec.name,
+                            &session,
+                            engine,
+                            opened,
+                            Bytes::new(),
+                            started,
+                        )
+                        .await
+                    }
+                    Err((refusal, reason)) => {
+                        refused(&spec.name, &session, refusal, &reason, started)
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}

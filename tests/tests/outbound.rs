@@ -1,0 +1,138 @@
+//! Outbound sessions: engine -> agent (fixed mapping, HTTP CONNECT, SOCKS5) -> DMZ -> partner,
+//! under the DMZ's `policy.connect_allow`.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use relay_e2e::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Runs curl with `args`; returns (exit code, stdout).
+async fn curl(args: Vec<String>) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(&args)
+            .output()
+            .expect("curl is installed (.ci/run installs it)");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .await
+    .unwrap()
+}
+
+struct Setup {
+    _pki: Pki,
+    _partner: targets::Target,
+    partner: SocketAddr,
+    dmz_admin: SocketAddr,
+    fixed: SocketAddr,
+    proxy: SocketAddr,
+    _dmz: InProcess,
+    _agent: InProcess,
+}
+
+async fn setup() -> Setup {
+    let pki = Pki::new();
+    let partner_target = targets::http("hello partner\n").await;
+    let partner = partner_target.addr;
+    let dmz_opts = DmzOptions {
+        connect_allow: vec![format!("127.0.0.1:{}", partner.port()), "localhost:*".into()],
+        ..Default::default()
+    };
+    let dmz = start_dmz(&pki, &dmz_opts).await;
+    let fixed: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut agent_opts = AgentOptions::new(dmz_opts.tunnel, vec![]);
+    agent_opts.extra = format!(
+        "\n[[outbound]]\nname = \"partner-x\"\nlisten = \"{fixed}\"\ntarget = \"{partner}\"\n\n[outbound_proxy]\nlisten = \"{proxy}\"\n"
+    );
+    let agent = start_agent(&pki, &agent_opts).await;
+    wait_for(Duration::from_secs(10), || async {
+        matches!(http_get(agent_opts.admin, "/readyz").await, Ok((200, _)))
+    })
+    .await
+    .expect("agent ready");
+    Setup {
+        _pki: pki,
+        _partner: partner_target,
+        partner,
+        dmz_admin: dmz_opts.admin,
+        fixed,
+        proxy,
+        _dmz: dmz,
+        _agent: agent,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_mapping_http_connect_and_socks5_reach_the_partner() {
+    let s = setup().await;
+    // Outbound carriers come up right after the inbound ones; allow them a moment.
+    let fixed_ok = wait_for(Duration::from_secs(10), || async {
+        curl(vec![format!("http://{}/", s.fixed)]).await.1 == "hello partner\n"
+    })
+    .await;
+    assert!(fixed_ok.is_some(), "fixed outbound mapping never reached the partner");
+
+    // curl sends a plain GET to an HTTP proxy unless told to tunnel: the proxy only tunnels.
+    let (_, body) = curl(vec!["--proxy".into(), format!("http://{}", s.proxy), format!("http://{}/", s.partner)]).await;
+    assert_eq!(body, "this proxy only supports CONNECT\n");
+    let (code, body) = curl(vec![
+        "--proxytunnel".into(),
+        "--proxy".into(),
+        format!("http://{}", s.proxy),
+        format!("http://{}/", s.partner),
+    ])
+    .await;
+    assert_eq!((code, body.as_str()), (0, "hello partner\n"), "HTTP CONNECT");
+
+    let (code, body) = curl(vec!["--proxy".into(), format!("socks5h://{}", s.proxy), format!("http://localhost:{}/", s.partner.port())]).await;
+    assert_eq!((code, body.as_str()), (0, "hello partner\n"), "SOCKS5 with a domain name");
+    let (code, body) = curl(vec!["--proxy".into(), format!("socks5://{}", s.proxy), format!("http://{}/", s.partner)]).await;
+    assert_eq!((code, body.as_str()), (0, "hello partner\n"), "SOCKS5 with an IPv4 address");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_outside_connect_allow_are_refused_and_counted() {
+    let s = setup().await;
+    let denied = format!("127.0.0.1:{}", free_port());
+    // Wait for outbound carriers through a destination that is allowed.
+    wait_for(Duration::from_secs(10), || async {
+        curl(vec!["--proxytunnel".into(), "--proxy".into(), format!("http://{}", s.proxy), format!("http://{}/", s.partner)])
+            .await
+            .0
+            == 0
+    })
+    .await
+    .expect("outbound carriers up");
+
+    let mut engine = TcpStream::connect(s.proxy).await.unwrap();
+    engine
+        .write_all(format!("CONNECT {denied} HTTP/1.1\r\nHost: {denied}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), engine.read(&mut answer)).await.unwrap().unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]);
+    assert!(head.starts_with("HTTP/1.1 403"), "expected 403, got {head:?}");
+
+    let mut engine = TcpStream::connect(s.proxy).await.unwrap();
+    let port = denied.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    engine.write_all(&[5, 1, 0]).await.unwrap();
+    let mut hello = [0u8; 2];
+    engine.read_exact(&mut hello).await.unwrap();
+    assert_eq!(hello, [5, 0]);
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&port.to_be_bytes());
+    engine.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(10), engine.read_exact(&mut reply)).await.unwrap().unwrap();
+    assert_eq!(reply[1], 0x02, "SOCKS5 reply must be 0x02 (not allowed by ruleset)");
+
+    let (_, metrics) = http_get(s.dmz_admin, "/metrics").await.unwrap();
+    let denied_count = metric(&metrics, "relay_rejections_total", &["reason=\"policy_denied\""]).unwrap_or(0.0);
+    assert!(denied_count >= 2.0, "policy denials counted on the DMZ: {denied_count}");
+}
