@@ -23,6 +23,8 @@ pub mod defaults {
     pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
     /// `limits.idle_timeout`.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// `limits.drain_delay`.
+    pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
     /// `limits.drain_timeout`.
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     /// `tunnel.keepalive`.
@@ -82,6 +84,7 @@ struct RawLimits {
     connect_timeout: Option<String>,
     setup_timeout: Option<String>,
     idle_timeout: Option<String>,
+    drain_delay: Option<String>,
     drain_timeout: Option<String>,
 }
 
@@ -92,6 +95,11 @@ pub struct DmzConfig {
     pub tunnel_listen: SocketAddr,
     /// TLS of the tunnel listener.
     pub tls: Arc<rustls::ServerConfig>,
+    /// The agent certificate verifier (the same one `tls` uses), to re-check live tunnels
+    /// after a reload.
+    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// The file this config was loaded from, read again on reload.
+    pub source: Option<std::path::PathBuf>,
     /// Agent identities allowed; `None` admits any certificate the CA signed.
     pub agents: Option<Vec<String>>,
     /// PING interval; a tunnel silent for two intervals is dead.
@@ -123,13 +131,18 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Time in-flight sessions get to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Time between turning `/readyz` to 503 and closing the public listeners on shutdown,
+    /// so a load balancer stops sending partners first.
+    pub drain_delay: Duration,
 }
 
 impl DmzConfig {
     /// Reads and checks the config at `path`; relative paths are taken from its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let raw: Raw = cfg::read_toml(path)?;
-        check(raw, &cfg::base_dir(path))
+        let mut config = check(raw, &cfg::base_dir(path))?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 }
 
@@ -160,10 +173,15 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         "tunnel.ca",
         tls::load_roots(&cfg::resolve(base, &raw.tunnel.ca)),
     );
-    let tls = match (creds, roots) {
-        (Some(creds), Some(roots)) => err.check(
+    let verifier = roots.and_then(|roots| err.check("tunnel.ca", tls::client_verifier(roots)));
+    let tls = match (creds, &verifier) {
+        (Some(creds), Some(verifier)) => err.check(
             "tunnel.key",
-            tls::server_config(&creds, roots, &[ALPN_INBOUND_V1, ALPN_OUTBOUND_V1]),
+            tls::server_config(
+                &creds,
+                verifier.clone(),
+                &[ALPN_INBOUND_V1, ALPN_OUTBOUND_V1],
+            ),
         ),
         _ => None,
     };
@@ -250,6 +268,16 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             &l.idle_timeout,
             defaults::IDLE_TIMEOUT,
         ),
+        drain_delay: match &l.drain_delay {
+            Some(s) => err
+                .check(
+                    "limits.drain_delay",
+                    humantime::parse_duration(s)
+                        .map_err(|e| format!("invalid duration {s:?}: {e}")),
+                )
+                .unwrap_or(defaults::DRAIN_DELAY),
+            None => defaults::DRAIN_DELAY,
+        },
         drain_timeout: duration(
             &mut err,
             "limits.drain_timeout",
@@ -260,6 +288,8 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
     err.into_result(|| DmzConfig {
         tunnel_listen: tunnel_listen.expect("checked"),
         tls: tls.expect("checked"),
+        verifier: verifier.expect("checked"),
+        source: None,
         agents: raw.tunnel.agents,
         keepalive,
         admin_listen,

@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control;
 pub mod outbound;
 pub mod partner;
 pub mod registry;
+mod reload;
 pub mod tunnel;
 
 use std::io;
@@ -52,10 +54,46 @@ impl Listeners {
 
 /// Tunnel settings the tunnel tasks share.
 pub(crate) struct TunnelSettings {
-    pub(crate) acceptor: TlsAcceptor,
-    pub(crate) agents: Option<Vec<String>>,
     pub(crate) keepalive: Duration,
     pub(crate) handshake_timeout: Duration,
+}
+
+/// What a reload replaces: TLS material, the agent allow-list, the outbound policy.
+pub(crate) struct Policy {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    pub(crate) agents: Option<Vec<String>>,
+    pub(crate) connect_allow: Vec<relay_tunnel::config::ConnectRule>,
+}
+
+impl Policy {
+    fn from_config(config: &DmzConfig) -> Self {
+        Self {
+            acceptor: TlsAcceptor::from(config.tls.clone()),
+            verifier: config.verifier.clone(),
+            agents: config.agents.clone(),
+            connect_allow: config.connect_allow.clone(),
+        }
+    }
+
+    /// Whether an agent with this identity and chain may keep a tunnel.
+    pub(crate) fn admits(
+        &self,
+        agent: &str,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> bool {
+        self.agents
+            .as_ref()
+            .is_none_or(|a| a.iter().any(|x| x == agent))
+            && relay_tunnel::tls::still_valid(self.verifier.as_ref(), chain)
+    }
+}
+
+/// A tunnel that is up, so a reload can cut it when its agent is no longer admitted.
+pub(crate) struct LiveTunnel {
+    pub(crate) agent: String,
+    pub(crate) chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub(crate) cut: CancellationToken,
 }
 
 /// State shared by the tasks of one DMZ node.
@@ -68,12 +106,22 @@ pub struct Node {
     pub(crate) sessions_cancel: CancellationToken,
     pub(crate) listeners: TaskTracker,
     pub(crate) tunnels_cancel: CancellationToken,
-    pub(crate) connect_allow: Vec<relay_tunnel::config::ConnectRule>,
+    pub(crate) policy: std::sync::RwLock<Arc<Policy>>,
+    pub(crate) live: std::sync::Mutex<std::collections::HashMap<u64, LiveTunnel>>,
+    config: std::sync::Mutex<DmzConfig>,
     /// Cancelled when the node starts draining.
     pub(crate) draining: CancellationToken,
 }
 
 impl Node {
+    /// The policy in force now.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn readiness(&self) -> Result<(), String> {
         if self.draining.is_cancelled() {
             return Err("draining: shutting down".into());
@@ -85,8 +133,9 @@ impl Node {
     }
 }
 
-/// Runs a DMZ node until `shutdown` is cancelled, then closes the public listeners, gives
-/// in-flight sessions `limits.drain_timeout`, and returns.
+/// Runs a DMZ node until `shutdown` is cancelled. Then `/readyz` turns 503 at once, the public
+/// listeners close after `limits.drain_delay` (so the load balancer stops sending partners
+/// first), sessions in flight get `limits.drain_timeout`, and it returns.
 pub async fn run(
     config: DmzConfig,
     listeners: Listeners,
@@ -96,8 +145,6 @@ pub async fn run(
     let node = Arc::new(Node {
         registry: Registry::new(config.public_bind, config.listen_allow.clone()),
         tunnel: TunnelSettings {
-            acceptor: TlsAcceptor::from(config.tls.clone()),
-            agents: config.agents.clone(),
             keepalive: config.keepalive,
             handshake_timeout: config.limits.handshake_timeout,
         },
@@ -107,9 +154,17 @@ pub async fn run(
         sessions_cancel: CancellationToken::new(),
         listeners: TaskTracker::new(),
         tunnels_cancel: CancellationToken::new(),
-        connect_allow: config.connect_allow.clone(),
+        policy: std::sync::RwLock::new(Arc::new(Policy::from_config(&config))),
+        live: Default::default(),
+        config: std::sync::Mutex::new(config),
         draining: CancellationToken::new(),
     });
+    let reload_node = node.clone();
+    let reloader: admin::Reloader = Arc::new(move || reload::reload(&reload_node));
+    tokio::spawn(relay_tunnel::signals::on_reload(
+        reloader.clone(),
+        shutdown.clone(),
+    ));
 
     let admin_stop = CancellationToken::new();
     let admin_task = listeners.admin.map(|l| {
@@ -118,6 +173,7 @@ pub async fn run(
         tokio::spawn(admin::serve(
             l,
             Arc::new(move || n.readiness()),
+            Some(reloader.clone()),
             metrics,
             admin_stop.clone(),
         ))
@@ -150,9 +206,14 @@ pub async fn run(
         });
     }
 
-    tracing::info!(drain_timeout = ?node.limits.drain_timeout, "shutting down: closing public listeners, draining sessions");
+    tracing::info!(
+        drain_delay = ?node.limits.drain_delay,
+        drain_timeout = ?node.limits.drain_timeout,
+        "shutting down: /readyz now 503; public listeners close after the drain delay"
+    );
     node.draining.cancel();
     drop(listeners.tunnel);
+    tokio::time::sleep(node.limits.drain_delay).await;
     node.registry.close_all();
     node.listeners.close();
     node.listeners.wait().await;

@@ -142,7 +142,7 @@ async fn dial(
         return Err((Refusal::Unavailable, "DMZ node draining".into()));
     }
     let addrs = allowed_addrs(
-        &node.connect_allow,
+        &node.policy().connect_allow,
         &host,
         port,
         node.limits.connect_timeout,

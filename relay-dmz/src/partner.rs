@@ -38,7 +38,10 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                 let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::INBOUND, %partner);
                 node.sessions.spawn(
                     async move {
-                        let outcome = admit_and_relay(&node2, stream, partner, &service, &allow, session_id).await;
+                        let outcome = admit_and_relay(&node2, stream, partner, &service, &allow, session_id.clone()).await;
+                        if matches!(outcome, "source_denied" | "limit" | "no_agent") {
+                            tell_an_agent(&node2, &service, session_id, partner, outcome);
+                        }
                         metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::INBOUND, "result" => outcome).increment(1);
                     }
                     .instrument(span),
@@ -49,6 +52,32 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             }
         }
+    }
+}
+
+/// Sends the record of a partner refused here to an agent serving the service, for its audit
+/// trail: the DMZ keeps no record. Dropped (and counted) if that agent's queue is full.
+fn tell_an_agent(node: &Node, service: &str, session: String, partner: SocketAddr, reason: &str) {
+    let Some(carrier) = node.registry.any_carrier(service) else {
+        return;
+    };
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let record = protocol::RefusedSession {
+        session,
+        service: service.to_owned(),
+        partner: partner.to_string(),
+        reason: reason.to_owned(),
+        at_ms,
+    };
+    if carrier
+        .control
+        .try_send(protocol::DmzMessage::Refused(record))
+        .is_err()
+    {
+        metrics::counter!(m::REJECTIONS, "reason" => "audit_dropped").increment(1);
     }
 }
 

@@ -20,7 +20,9 @@ use ipnet::IpNet;
 use relay_tunnel::config::{AddrRule, ListenSpec};
 use relay_tunnel::metrics as m;
 use relay_tunnel::net::bind_reuse;
-use relay_tunnel::protocol::{self, Registration, RegistrationAnswer, ServiceDecl, ServiceVerdict};
+use relay_tunnel::protocol::{
+    self, DmzMessage, Registration, RegistrationAnswer, ServiceDecl, ServiceVerdict,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +39,8 @@ pub struct Carrier {
     pub send: h2::client::SendRequest<Bytes>,
     /// Sessions this tunnel carries now.
     pub active: AtomicUsize,
+    /// Messages for the agent's control stream (audit records of refused partners).
+    pub control: tokio::sync::mpsc::Sender<DmzMessage>,
 }
 
 /// The bound public sockets of one service, shared by its accept loop and the registry.
@@ -109,7 +113,7 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     public_bind: Option<IpAddr>,
-    listen_allow: Vec<AddrRule>,
+    listen_allow: std::sync::RwLock<Vec<AddrRule>>,
     next_id: AtomicU64,
 }
 
@@ -141,6 +145,20 @@ impl Drop for Reservation {
     }
 }
 
+/// Adds `carrier` to an admitted service (taking back its pending slot); returns the listener if
+/// its accept loop must start now.
+fn attach(inner: &mut Inner, name: &str, carrier: &Arc<Carrier>) -> Option<Arc<PublicListener>> {
+    let s = inner.services.get_mut(name)?;
+    s.pending -= 1;
+    s.carriers.push(carrier.clone());
+    if s.accepting {
+        return None;
+    }
+    s.accepting = true;
+    metrics::gauge!(m::LISTENER_OPEN, "service" => name.to_owned()).set(1.0);
+    Some(s.listener.clone())
+}
+
 fn close_if_unused(inner: &mut Inner, name: &str) {
     let unused = inner
         .services
@@ -158,9 +176,14 @@ impl Registry {
         Arc::new(Self {
             inner: Mutex::default(),
             public_bind,
-            listen_allow,
+            listen_allow: std::sync::RwLock::new(listen_allow),
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// Replaces `policy.listen_allow` for registrations from now on.
+    pub fn set_listen_allow(&self, rules: Vec<AddrRule>) {
+        *self.listen_allow.write().unwrap_or_else(|p| p.into_inner()) = rules;
     }
 
     /// A new tunnel id.
@@ -233,7 +256,13 @@ impl Registry {
                     .map_err(|_| format!("allow: invalid network {a:?}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if !self.listen_allow.iter().any(|rule| rule.covers(&spec)) {
+        let allowed = self
+            .listen_allow
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|rule| rule.covers(&spec));
+        if !allowed {
             return Err(format!(
                 "listen address {spec} is not allowed by policy.listen_allow"
             ));
@@ -298,26 +327,109 @@ impl Registry {
     ) -> Vec<Arc<PublicListener>> {
         let mut inner = lock(&self.inner);
         reservation.active = true;
-        let mut start = Vec::new();
-        for name in &reservation.services {
-            let Some(s) = inner.services.get_mut(name) else {
-                continue;
-            };
-            s.pending -= 1;
-            s.carriers.push(carrier.clone());
-            if !s.accepting {
-                s.accepting = true;
-                metrics::gauge!(m::LISTENER_OPEN, "service" => name.clone()).set(1.0);
-                start.push(s.listener.clone());
-            }
-        }
-        inner
-            .carrier_services
-            .insert(carrier.id, std::mem::take(&mut reservation.services));
+        let names = std::mem::take(&mut reservation.services);
+        let start = names
+            .iter()
+            .filter_map(|name| attach(&mut inner, name, carrier))
+            .collect();
+        inner.carrier_services.insert(carrier.id, names);
         start
     }
 
-    /// Removes a tunnel; closes the listeners it was the last to serve.
+    /// Replaces the services of an active tunnel (re-registration after an agent reload):
+    /// new services are admitted and opened, dropped ones released. Returns the verdicts and
+    /// the listeners whose accept loops the caller must start.
+    pub fn update(
+        &self,
+        carrier: &Arc<Carrier>,
+        decls: &[ServiceDecl],
+    ) -> (RegistrationAnswer, Vec<Arc<PublicListener>>) {
+        let mut inner = lock(&self.inner);
+        let Some(old) = inner.carrier_services.get(&carrier.id).cloned() else {
+            let verdicts = decls
+                .iter()
+                .map(|d| ServiceVerdict {
+                    name: d.name.clone(),
+                    accepted: false,
+                    reason: Some("tunnel is draining".into()),
+                })
+                .collect();
+            return (RegistrationAnswer { services: verdicts }, Vec::new());
+        };
+        // Release what is dropped or moved first, so a moved service can be admitted again.
+        let keep = |name: &str, inner: &Inner| {
+            decls.iter().any(|d| {
+                d.name == name
+                    && inner
+                        .services
+                        .get(name)
+                        .is_some_and(|s| d.listen.parse::<ListenSpec>().is_ok_and(|l| l == s.spec))
+            })
+        };
+        let kept: Vec<String> = old.iter().filter(|n| keep(n, &inner)).cloned().collect();
+        for name in old.iter().filter(|n| !kept.contains(n)) {
+            if let Some(s) = inner.services.get_mut(name) {
+                s.carriers.retain(|c| c.id != carrier.id);
+            }
+            close_if_unused(&mut inner, name);
+        }
+        let mut verdicts = Vec::new();
+        let mut names = Vec::new();
+        let mut start = Vec::new();
+        for (i, decl) in decls.iter().enumerate() {
+            let verdict = if decls[..i].iter().any(|d| d.name == decl.name) {
+                Err(format!("service {:?} is declared twice", decl.name))
+            } else if kept.contains(&decl.name) {
+                self.admit(&mut inner, &carrier.agent, decl).map(|()| {
+                    // Already attached: admit only refreshed the allow list and took a slot.
+                    if let Some(s) = inner.services.get_mut(&decl.name) {
+                        s.pending -= 1;
+                    }
+                })
+            } else if inner.closed {
+                Err("the DMZ node is shutting down".to_owned())
+            } else {
+                self.admit(&mut inner, &carrier.agent, decl)
+                    .map(|()| start.extend(attach(&mut inner, &decl.name, carrier)))
+            };
+            match verdict {
+                Ok(()) => {
+                    names.push(decl.name.clone());
+                    verdicts.push(ServiceVerdict {
+                        name: decl.name.clone(),
+                        accepted: true,
+                        reason: None,
+                    });
+                }
+                Err(reason) => verdicts.push(ServiceVerdict {
+                    name: decl.name.clone(),
+                    accepted: false,
+                    reason: Some(reason),
+                }),
+            }
+        }
+        // A kept service whose new declaration was refused is released too.
+        for name in kept.iter().filter(|n| !names.contains(n)) {
+            if let Some(s) = inner.services.get_mut(name) {
+                s.carriers.retain(|c| c.id != carrier.id);
+            }
+            close_if_unused(&mut inner, name);
+        }
+        inner.carrier_services.insert(carrier.id, names);
+        (RegistrationAnswer { services: verdicts }, start)
+    }
+
+    /// A tunnel of this service, chosen round robin, to carry an audit record.
+    pub fn any_carrier(&self, service: &str) -> Option<Arc<Carrier>> {
+        let mut inner = lock(&self.inner);
+        inner.rr = inner.rr.wrapping_add(1);
+        let rr = inner.rr;
+        let s = inner.services.get(service)?;
+        s.carriers.get(rr % s.carriers.len().max(1)).cloned()
+    }
+
+    /// Removes a tunnel (gone, or draining: it takes no new session); closes the listeners it
+    /// was the last to serve.
     pub fn remove(&self, carrier: &Carrier) {
         let mut inner = lock(&self.inner);
         let Some(names) = inner.carrier_services.remove(&carrier.id) else {

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::Node;
 use crate::registry::Carrier;
-use crate::{outbound, partner};
+use crate::{control, outbound, partner};
 
 /// Why an agent connection was refused before it became a tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -58,15 +58,24 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
             return;
         }
     };
+    let chain = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let live = LiveGuard::new(&node, agent.clone(), chain);
+    let cut = live.cut.clone();
     if kind == Kind::Outbound {
         let span = tracing::info_span!("tunnel", agent = %agent, %peer, kind = "outbound");
         metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
         let connected = metrics::gauge!(m::TUNNELS_CONNECTED, "agent" => agent.clone());
         connected.increment(1.0);
         span.in_scope(|| tracing::debug!("outbound tunnel up"));
-        let ended = outbound::serve(tls_stream, agent, node)
-            .instrument(span.clone())
-            .await;
+        let ended = tokio::select! {
+            r = outbound::serve(tls_stream, agent, node.clone()).instrument(span.clone()) => r,
+            _ = cut.cancelled() => "agent no longer admitted (reload)".to_owned(),
+        };
         connected.decrement(1.0);
         span.in_scope(|| tracing::debug!(reason = %ended, "outbound tunnel down"));
         return;
@@ -119,12 +128,14 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
         Err(e) => return refuse_registration(&span, peer, format!("HTTP/2 handshake: {e}")),
     };
     let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
+    let (outbox, inbox) = tokio::sync::mpsc::channel(control::QUEUE);
     let carrier = Arc::new(Carrier {
         id: node.registry.next_carrier_id(),
         agent: agent.clone(),
         instance: registration.instance.clone(),
         send,
         active: Default::default(),
+        control: outbox,
     });
     let guard = CarrierGuard {
         node: &node,
@@ -153,7 +164,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
             Err(e) => format!("connection failed: {e}"),
         },
         e = keepalive::run(ping_pong, node.tunnel.keepalive, rtt) => e.to_string(),
+        e = control::run(&node, &carrier, inbox).instrument(span.clone()) => e,
         _ = node.tunnels_cancel.cancelled() => "node shutting down".to_owned(),
+        _ = cut.cancelled() => "agent no longer admitted (reload)".to_owned(),
     };
     drop(guard);
     connected.decrement(1.0);
@@ -165,6 +178,44 @@ fn refuse_registration(span: &tracing::Span, peer: SocketAddr, reason: String) {
     metrics::counter!(m::REJECTIONS, "reason" => refused.label()).increment(1);
     metrics::counter!(m::TUNNEL_CONNECTS, "result" => refused.label()).increment(1);
     span.in_scope(|| tracing::warn!(%peer, reason = %refused, "agent connection refused"));
+}
+
+/// Lists a tunnel among the live ones (for reload checks) until dropped.
+struct LiveGuard<'a> {
+    node: &'a Node,
+    id: u64,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl<'a> LiveGuard<'a> {
+    fn new(
+        node: &'a Node,
+        agent: String,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Self {
+        let id = node.registry.next_carrier_id();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let tunnel = crate::LiveTunnel {
+            agent,
+            chain,
+            cut: cut.clone(),
+        };
+        node.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tunnel);
+        Self { node, id, cut }
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.node
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// Takes the tunnel out of the registry however the task ends, closing listeners it was the
@@ -192,7 +243,8 @@ async fn authenticate(
     node: &Node,
 ) -> Result<(TlsStream<TcpStream>, String, Kind), Refused> {
     let t = &node.tunnel;
-    let tls_stream = tokio::time::timeout(t.handshake_timeout, t.acceptor.accept(stream))
+    let policy = node.policy();
+    let tls_stream = tokio::time::timeout(t.handshake_timeout, policy.acceptor.accept(stream))
         .await
         .map_err(|_| Refused::HandshakeTimeout(t.handshake_timeout))?
         .map_err(Refused::Handshake)?;
@@ -207,7 +259,7 @@ async fn authenticate(
         }
     };
     let agent = tls::peer_identity(conn).ok_or(Refused::NoIdentity)?;
-    if let Some(allowed) = &t.agents
+    if let Some(allowed) = &policy.agents
         && !allowed.iter().any(|a| a == &agent)
     {
         return Err(Refused::UnknownAgent(agent));

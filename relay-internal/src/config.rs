@@ -187,6 +187,8 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// Inbound services.
     pub inbound: Vec<InboundService>,
+    /// The file this config was loaded from, read again on reload.
+    pub source: Option<std::path::PathBuf>,
     /// Outbound fixed mappings.
     pub outbound: Vec<OutboundService>,
     /// The HTTP CONNECT and SOCKS5 proxy address, if any.
@@ -199,7 +201,9 @@ impl AgentConfig {
     /// Reads and checks the config at `path`; relative paths are taken from its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let raw: Raw = cfg::read_toml(path)?;
-        check(raw, &cfg::base_dir(path))
+        let mut config = check(raw, &cfg::base_dir(path))?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 }
 
@@ -416,6 +420,7 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         tls_outbound: tls_outbound.expect("same material as tls"),
         outbound,
         outbound_proxy,
+        source: None,
         admin_listen,
         limits,
         inbound,

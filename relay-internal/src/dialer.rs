@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use relay_tunnel::backoff::Backoff;
-use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, RegistrationAnswer};
+use relay_tunnel::protocol::{
+    self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, CONTROL_PATH, RegistrationAnswer,
+};
 use relay_tunnel::{h2conf, keepalive, metrics as m};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -14,8 +16,8 @@ use tracing::Instrument;
 
 use crate::Agent;
 use crate::config::DmzNode;
-use crate::inbound;
 use crate::pool::OutCarrier;
+use crate::{control, inbound};
 
 /// First reconnect delays are drawn from `[0, BACKOFF_BASE]`, so the first retry comes within 1 s.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -116,9 +118,10 @@ async fn dial(
         .map_err(|_| TunnelError::ConnectTimeout(timeout))?
         .map_err(TunnelError::Connect)?;
     let _ = tcp.set_nodelay(true);
+    let settings = agent.settings();
     let (connector, alpn) = match kind {
-        Kind::Inbound => (&agent.connector, ALPN_INBOUND_V1),
-        Kind::Outbound => (&agent.connector_out, ALPN_OUTBOUND_V1),
+        Kind::Inbound => (&settings.connector, ALPN_INBOUND_V1),
+        Kind::Outbound => (&settings.connector_out, ALPN_OUTBOUND_V1),
     };
     let tls = tokio::time::timeout(timeout, connector.connect(node.server_name.clone(), tcp))
         .await
@@ -139,8 +142,11 @@ async fn serve_inbound(
     was_up: &mut bool,
 ) -> Result<String, TunnelError> {
     let timeout = agent.limits.connect_timeout;
+    // Watch from before the registration is sent, so no reload is missed.
+    let changes = agent.settings.subscribe();
+    let registration = agent.registration();
     let exchange = async {
-        protocol::write_message(&mut tls, &agent.registration).await?;
+        protocol::write_message(&mut tls, &registration).await?;
         protocol::read_message::<RegistrationAnswer, _>(&mut tls)
             .await
             .map_err(std::io::Error::other)
@@ -168,9 +174,24 @@ async fn serve_inbound(
     );
     tokio::pin!(keepalive);
     let mut draining = false;
+    let mut changes = Some(changes);
+    let mut _control_task = None;
     loop {
         tokio::select! {
             next = connection.accept() => match next {
+                Some(Ok((request, mut respond))) if request.uri().path() == CONTROL_PATH => {
+                    match changes.take() {
+                        Some(changes) => {
+                            let task = control::serve(agent.clone(), index, changes, request, respond);
+                            _control_task = Some(AbortOnDrop(tokio::spawn(task.in_current_span())));
+                        }
+                        None => {
+                            let mut refused = http::Response::new(());
+                            *refused.status_mut() = http::StatusCode::CONFLICT;
+                            let _ = respond.send_response(refused, true);
+                        }
+                    }
+                }
                 Some(Ok((request, respond))) => {
                     let agent2 = agent.clone();
                     let dmz = node.addr.clone();
@@ -233,7 +254,17 @@ async fn serve_outbound(
     Ok(ended)
 }
 
-fn report_verdicts(answer: &RegistrationAnswer, index: usize) {
+/// Aborts a task when dropped (the control task of a tunnel ends with the tunnel).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Logs the DMZ's verdicts; connection `index` 0 speaks for all at warn level.
+pub(crate) fn report_verdicts(answer: &RegistrationAnswer, index: usize) {
     for v in &answer.services {
         match (&v.reason, v.accepted) {
             (_, true) => tracing::debug!(service = %v.name, "service accepted"),

@@ -84,8 +84,10 @@ fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusa
         )
     })?;
     let service = agent
+        .settings()
         .services
         .get(name)
+        .cloned()
         .ok_or_else(|| (Refusal::UnknownService, format!("no service {name:?} here")))?;
     if !service.listen.ports.contains(port) {
         return Err((
@@ -97,7 +99,8 @@ fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusa
         Refusal::BadRequest,
         "missing or malformed session metadata".to_owned(),
     ))?;
-    Ok((service.clone(), port - service.listen.ports.first, meta))
+    let offset = port - service.listen.ports.first;
+    Ok((service, offset, meta))
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, refusal: Refusal, reason: &str) {

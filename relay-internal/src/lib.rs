@@ -4,11 +4,13 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control;
 pub mod dialer;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
 pub mod proxy;
+mod reload;
 pub mod socks5;
 
 use std::collections::HashMap;
@@ -29,13 +31,13 @@ use config::{InboundService, Limits};
 
 /// State shared by the tasks of one agent.
 pub struct Agent {
-    pub(crate) connector: TlsConnector,
-    pub(crate) connector_out: TlsConnector,
+    /// Random id of this process, the same on all its tunnels.
+    pub(crate) instance: String,
+    /// What a reload can change; tunnels watch it to re-register.
+    pub(crate) settings: tokio::sync::watch::Sender<Arc<Settings>>,
     /// Configured DMZ node addresses, by index.
     pub(crate) nodes: Vec<String>,
     pub(crate) pool: Arc<pool::Pool>,
-    pub(crate) registration: Registration,
-    pub(crate) services: HashMap<String, Arc<InboundService>>,
     pub(crate) keepalive: std::time::Duration,
     pub(crate) limits: Limits,
     pub(crate) session_limit: Arc<Semaphore>,
@@ -47,6 +49,31 @@ pub struct Agent {
     /// Cancelled at the drain deadline: sessions still running are reset.
     pub(crate) stop_sessions: CancellationToken,
     connected: Mutex<HashMap<String, usize>>,
+    config: Mutex<AgentConfig>,
+}
+
+/// The part of the config a reload replaces: TLS material and inbound services.
+pub struct Settings {
+    pub(crate) connector: TlsConnector,
+    pub(crate) connector_out: TlsConnector,
+    pub(crate) services: HashMap<String, Arc<InboundService>>,
+    pub(crate) decls: Vec<relay_tunnel::protocol::ServiceDecl>,
+}
+
+impl Settings {
+    /// The reloadable part of `config`.
+    pub fn from_config(config: &AgentConfig) -> Self {
+        Self {
+            connector: TlsConnector::from(config.tls.clone()),
+            connector_out: TlsConnector::from(config.tls_outbound.clone()),
+            services: config
+                .inbound
+                .iter()
+                .map(|s| (s.name.clone(), Arc::new(s.clone())))
+                .collect(),
+            decls: config.inbound.iter().map(InboundService::decl).collect(),
+        }
+    }
 }
 
 /// Counts a tunnel as up until dropped.
@@ -71,6 +98,19 @@ impl Drop for TunnelUp<'_> {
 }
 
 impl Agent {
+    /// The settings in force now.
+    pub(crate) fn settings(&self) -> Arc<Settings> {
+        self.settings.borrow().clone()
+    }
+
+    /// The registration a new inbound tunnel sends.
+    pub(crate) fn registration(&self) -> Registration {
+        Registration {
+            instance: self.instance.clone(),
+            services: self.settings().decls.clone(),
+        }
+    }
+
     pub(crate) fn tunnel_up(&self, node: &str) -> TunnelUp<'_> {
         let gauge = metrics::gauge!(m::TUNNELS_CONNECTED, "dmz" => node.to_owned());
         gauge.increment(1.0);
@@ -109,19 +149,10 @@ pub async fn run(
 ) -> io::Result<()> {
     let metrics = relay_tunnel::telemetry::metrics_handle();
     let agent = Arc::new(Agent {
-        connector: TlsConnector::from(config.tls.clone()),
-        connector_out: TlsConnector::from(config.tls_outbound.clone()),
+        instance: format!("{:016x}", fastrand::u64(..)),
+        settings: tokio::sync::watch::Sender::new(Arc::new(Settings::from_config(&config))),
         nodes: config.dmz.iter().map(|n| n.addr.clone()).collect(),
         pool: pool::Pool::new(config.dmz.len()),
-        registration: Registration {
-            instance: format!("{:016x}", fastrand::u64(..)),
-            services: config.inbound.iter().map(InboundService::decl).collect(),
-        },
-        services: config
-            .inbound
-            .iter()
-            .map(|s| (s.name.clone(), Arc::new(s.clone())))
-            .collect(),
         keepalive: config.keepalive,
         limits: config.limits,
         session_limit: Arc::new(Semaphore::new(config.limits.max_sessions)),
@@ -130,7 +161,14 @@ pub async fn run(
         stop_tunnels: CancellationToken::new(),
         stop_sessions: CancellationToken::new(),
         connected: Mutex::new(config.dmz.iter().map(|n| (n.addr.clone(), 0)).collect()),
+        config: Mutex::new(config.clone()),
     });
+    let reload_agent = agent.clone();
+    let reloader: admin::Reloader = Arc::new(move || reload::reload(&reload_agent));
+    tokio::spawn(relay_tunnel::signals::on_reload(
+        reloader.clone(),
+        shutdown.clone(),
+    ));
 
     let admin_stop = CancellationToken::new();
     let admin_task = admin_listener.map(|l| {
@@ -138,6 +176,7 @@ pub async fn run(
         tokio::spawn(admin::serve(
             l,
             Arc::new(move || a.readiness()),
+            Some(reloader.clone()),
             metrics,
             admin_stop.clone(),
         ))
@@ -191,10 +230,10 @@ pub async fn run(
     }
     entry_points.close();
     tracing::info!(
-        instance = %agent.registration.instance,
+        instance = %agent.instance,
         nodes = config.dmz.len(),
         connections = config.connections,
-        services = agent.services.len(),
+        services = config.inbound.len(),
         "agent started"
     );
 

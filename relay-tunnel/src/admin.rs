@@ -25,10 +25,14 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Answers `/readyz`: `Ok` when ready, else the one-line reason.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Reloads the config (`POST /reload`, SIGHUP): a summary of what changed, or why nothing did.
+pub type Reloader = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 /// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
+    reload: Option<Reloader>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 ) {
@@ -51,11 +55,12 @@ pub async fn serve(
             },
         };
         let ready = ready.clone();
+        let reload = reload.clone();
         let metrics = metrics.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
-                let response = route(&req, &ready, &metrics);
+                let response = route(&req, &ready, reload.as_ref(), &metrics);
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -74,8 +79,19 @@ pub async fn serve(
 fn route(
     req: &Request<Incoming>,
     ready: &Readiness,
+    reload: Option<&Reloader>,
     metrics: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/reload" {
+        return match (req.method(), reload) {
+            (&Method::POST, Some(reload)) => match reload() {
+                Ok(summary) => text(StatusCode::OK, format!("{summary}\n")),
+                Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{reason}\n")),
+            },
+            (&Method::POST, None) => text(StatusCode::NOT_FOUND, "not found\n".into()),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n".into()),
+        };
+    }
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }

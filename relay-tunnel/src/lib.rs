@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod control;
 pub mod h2conf;
 pub mod keepalive;
 pub mod metrics;

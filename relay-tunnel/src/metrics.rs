@@ -29,6 +29,8 @@ pub const LISTENER_OPEN: &str = "relay_listener_open";
 pub const REJECTIONS: &str = "relay_rejections_total";
 /// Counter: service registrations by `result` (`accepted`, `rejected`).
 pub const REGISTRATIONS: &str = "relay_registrations_total";
+/// Counter: config reloads by `result` (`ok`, `error`).
+pub const CONFIG_RELOADS: &str = "relay_config_reloads_total";
 /// Gauge: always 1, labelled with the `version`.
 pub const BUILD_INFO: &str = "relay_build_info";
 
@@ -83,6 +85,10 @@ pub fn describe() {
     describe_counter!(
         REGISTRATIONS,
         "Service registrations from agents, by result."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Config reloads (SIGHUP or POST /reload), by result."
     );
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);

@@ -78,6 +78,53 @@ pub struct RegistrationAnswer {
     pub services: Vec<ServiceVerdict>,
 }
 
+/// The path of the control stream the DMZ opens on each inbound carrier (a POST whose request
+/// body carries DMZ messages and whose response body carries agent messages).
+pub const CONTROL_PATH: &str = "/relay/v1/control";
+
+/// A message from the agent on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentMessage {
+    /// Replaces the services this tunnel serves (after a reload).
+    Register {
+        /// The new service list.
+        services: Vec<ServiceDecl>,
+    },
+    /// The agent is shutting down: send it no new session; sessions in flight continue.
+    Drain,
+}
+
+/// A message from the DMZ on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DmzMessage {
+    /// The verdicts on an [`AgentMessage::Register`].
+    Registered {
+        /// One verdict per declared service.
+        services: Vec<ServiceVerdict>,
+    },
+    /// A partner connection the DMZ refused before any agent saw it, for the agent's audit
+    /// trail (the DMZ keeps no record).
+    Refused(RefusedSession),
+}
+
+/// A partner connection refused by the DMZ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefusedSession {
+    /// Session id the DMZ assigned.
+    pub session: String,
+    /// The service whose port the partner reached.
+    pub service: String,
+    /// The partner's address.
+    pub partner: String,
+    /// Why: `source_denied`, `limit`, `no_agent`, ...
+    pub reason: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
 /// A message that cannot be framed or parsed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MessageError {
@@ -328,6 +375,30 @@ mod tests {
         let len = decode_len(framed[..4].try_into().unwrap()).unwrap();
         assert_eq!(len, framed.len() - 4);
         assert_eq!(decode::<Registration>(&framed[4..]).unwrap(), reg);
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        let messages = [
+            AgentMessage::Drain,
+            AgentMessage::Register { services: vec![] },
+        ];
+        for m in messages {
+            let framed = encode(&m);
+            assert_eq!(decode::<AgentMessage>(&framed[4..]).unwrap(), m);
+        }
+        let refused = DmzMessage::Refused(RefusedSession {
+            session: "00ff".into(),
+            service: "as2".into(),
+            partner: "198.51.100.7:4000".into(),
+            reason: "source_denied".into(),
+            at_ms: 1,
+        });
+        assert_eq!(
+            decode::<DmzMessage>(&encode(&refused)[4..]).unwrap(),
+            refused
+        );
+        assert!(decode::<AgentMessage>(br#"{"type":"shell","cmd":"x"}"#).is_err());
     }
 
     #[test]

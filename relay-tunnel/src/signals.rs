@@ -25,3 +25,19 @@ pub async fn on_shutdown(token: CancellationToken) {
     tracing::warn!("second signal: exiting now");
     std::process::exit(1);
 }
+
+/// Calls `reload` on every SIGHUP until `stop` is cancelled.
+pub async fn on_reload(reload: crate::admin::Reloader, stop: CancellationToken) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = hup.recv() => if r.is_none() { return },
+        }
+        // The reloader logs its own outcome.
+        let _ = reload();
+    }
+}

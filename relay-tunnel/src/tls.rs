@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -103,17 +104,32 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// The DMZ's tunnel listener config: TLS 1.3, client certificates required and verified
-/// against `roots`, ALPN `alpn`, no session tickets and no session cache.
+/// Verifies agent certificates against `roots`.
+pub fn client_verifier(roots: RootCertStore) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Rustls(format!("client verifier: {e}")))
+}
+
+/// Whether a certificate chain presented earlier still passes `verifier` now (after a reload
+/// of the CA).
+pub fn still_valid(verifier: &dyn ClientCertVerifier, chain: &[CertificateDer<'static>]) -> bool {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return false;
+    };
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now())
+        .is_ok()
+}
+
+/// The DMZ's tunnel listener config: TLS 1.3, client certificates required and checked by
+/// `verifier`, ALPN `alpn`, no session tickets and no session cache.
 pub fn server_config(
     creds: &Credentials,
-    roots: RootCertStore,
+    verifier: Arc<dyn ClientCertVerifier>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Rustls(format!("client verifier: {e}")))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Rustls(e.to_string()))?

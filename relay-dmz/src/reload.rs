@@ -1,0 +1,64 @@
+//! Hot reload of the DMZ config (SIGHUP, `POST /reload`): new TLS material applies to new
+//! handshakes, tunnels of agents no longer admitted (identity or CA) are cut, and the
+//! listen and connect policies apply to what agents ask next. Keys that need a restart are
+//! reported. A broken config changes nothing.
+
+use std::sync::Arc;
+
+use relay_tunnel::metrics as m;
+
+use crate::{DmzConfig, Node, Policy};
+
+/// Reloads the config from the file it came from; returns a summary or why nothing changed.
+pub(crate) fn reload(node: &Node) -> Result<String, String> {
+    let result = apply(node);
+    let label = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!(m::CONFIG_RELOADS, "result" => label).increment(1);
+    match &result {
+        Ok(summary) => tracing::info!(%summary, "config reloaded"),
+        Err(reason) => tracing::error!(%reason, "config reload failed; the running config stays"),
+    }
+    result
+}
+
+fn apply(node: &Node) -> Result<String, String> {
+    let mut current = node.config.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(path) = current.source.clone() else {
+        return Err("this node was not started from a config file".into());
+    };
+    let new = DmzConfig::load(&path)
+        .map_err(|e| format!("{}: {}", path.display(), e.to_string().replace('\n', "; ")))?;
+    let mut restart = Vec::new();
+    if new.tunnel_listen != current.tunnel_listen {
+        restart.push("tunnel.listen");
+    }
+    if new.admin_listen != current.admin_listen {
+        restart.push("admin.listen");
+    }
+    if new.public_bind != current.public_bind {
+        restart.push("public.bind");
+    }
+    if new.keepalive != current.keepalive {
+        restart.push("tunnel.keepalive");
+    }
+    if format!("{:?}", new.limits) != format!("{:?}", current.limits) {
+        restart.push("limits");
+    }
+    let policy = Arc::new(Policy::from_config(&new));
+    *node.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+    node.registry.set_listen_allow(new.listen_allow.clone());
+    let mut cut = 0;
+    for tunnel in node.live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        if !policy.admits(&tunnel.agent, &tunnel.chain) {
+            tracing::warn!(agent = %tunnel.agent, "agent no longer admitted after reload: tunnel cut");
+            tunnel.cut.cancel();
+            cut += 1;
+        }
+    }
+    *current = new;
+    let mut summary = format!("reloaded {}; {cut} tunnel(s) cut", path.display());
+    if !restart.is_empty() {
+        summary += &format!("; changes to {} apply after a restart", restart.join(", "));
+    }
+    Ok(summary)
+}

@@ -1,0 +1,73 @@
+//! The agent's end of the control stream of an inbound carrier: it re-registers after a
+//! reload, announces its drain, and writes the audit records of partners the DMZ refused.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Request, Response};
+use relay_tunnel::control::{self, Reader};
+use relay_tunnel::protocol::{AgentMessage, DmzMessage, RegistrationAnswer};
+use tokio::sync::watch;
+
+use crate::dialer::report_verdicts;
+use crate::{Agent, Settings};
+
+/// Serves the control stream the DMZ opened on tunnel connection `index`.
+pub async fn serve(
+    agent: Arc<Agent>,
+    index: usize,
+    mut changes: watch::Receiver<Arc<Settings>>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let mut send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => return tracing::debug!(error = %e, "control stream gone before it started"),
+    };
+    let mut reader = Reader::new(request.into_body());
+    let mut drained = false;
+    loop {
+        let sent = tokio::select! {
+            _ = agent.drain.cancelled(), if !drained => {
+                drained = true;
+                control::send(&mut send, &AgentMessage::Drain)
+            }
+            changed = changes.changed(), if !drained => {
+                if changed.is_err() {
+                    return;
+                }
+                let services = changes.borrow_and_update().decls.clone();
+                control::send(&mut send, &AgentMessage::Register { services })
+            }
+            message = reader.next::<DmzMessage>() => match message {
+                Ok(Some(DmzMessage::Registered { services })) => {
+                    report_verdicts(&RegistrationAnswer { services }, index);
+                    Ok(())
+                }
+                Ok(Some(DmzMessage::Refused(r))) => {
+                    tracing::info!(
+                        target: "relay::audit",
+                        session = %r.session,
+                        service = %r.service,
+                        direction = relay_tunnel::metrics::INBOUND,
+                        partner = %r.partner,
+                        at_ms = r.at_ms,
+                        duration_ms = 0u64,
+                        bytes_partner_to_target = 0u64,
+                        bytes_target_to_partner = 0u64,
+                        outcome = %r.reason,
+                        "session refused by the DMZ"
+                    );
+                    Ok(())
+                }
+                Ok(None) => return,
+                Err(e) => return tracing::debug!(error = %e, "control stream ended"),
+            },
+        };
+        if let Err(e) = sent {
+            return tracing::debug!(error = %e, "control stream ended");
+        }
+    }
+}

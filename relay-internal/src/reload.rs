@@ -1,0 +1,64 @@
+//! Hot reload of the agent config (SIGHUP, `POST /reload`): new TLS material applies to new
+//! tunnel connections, and a changed service list is pushed to every DMZ node on the control
+//! streams (new services open there, removed ones close, a changed target applies to new
+//! sessions). Keys that need a restart are reported. A broken config changes nothing.
+
+use std::sync::Arc;
+
+use relay_tunnel::metrics as m;
+
+use crate::{Agent, AgentConfig, Settings};
+
+/// Reloads the config from the file it came from; returns a summary or why nothing changed.
+pub(crate) fn reload(agent: &Agent) -> Result<String, String> {
+    let result = apply(agent);
+    let label = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!(m::CONFIG_RELOADS, "result" => label).increment(1);
+    match &result {
+        Ok(summary) => tracing::info!(%summary, "config reloaded"),
+        Err(reason) => tracing::error!(%reason, "config reload failed; the running config stays"),
+    }
+    result
+}
+
+fn apply(agent: &Agent) -> Result<String, String> {
+    let mut current = agent.config.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(path) = current.source.clone() else {
+        return Err("this agent was not started from a config file".into());
+    };
+    let new = AgentConfig::load(&path)
+        .map_err(|e| format!("{}: {}", path.display(), e.to_string().replace('\n', "; ")))?;
+    let mut restart = Vec::new();
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    if differs(&new.dmz, &current.dmz) || new.connections != current.connections {
+        restart.push("dmz/connections");
+    }
+    if new.keepalive != current.keepalive || differs(&new.limits, &current.limits) {
+        restart.push("keepalive/limits");
+    }
+    if new.admin_listen != current.admin_listen {
+        restart.push("admin.listen");
+    }
+    if differs(&new.outbound, &current.outbound) || new.outbound_proxy != current.outbound_proxy {
+        restart.push("outbound/outbound_proxy");
+    }
+    let services_changed = differs(&new.inbound, &current.inbound);
+    agent
+        .settings
+        .send_replace(Arc::new(Settings::from_config(&new)));
+    *current = new;
+    let mut summary = format!(
+        "reloaded {}; TLS material for new tunnels; services {}",
+        path.display(),
+        if services_changed {
+            "pushed to the DMZ nodes"
+        } else {
+            "unchanged"
+        }
+    );
+    if !restart.is_empty() {
+        summary += &format!("; changes to {} apply after a restart", restart.join(", "));
+    }
+    Ok(summary)
+}
