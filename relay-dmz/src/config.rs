@@ -23,6 +23,8 @@ pub mod defaults {
     pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
     /// `limits.idle_timeout`.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// `limits.proxy_header_timeout`.
+    pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
     /// `limits.drain_delay`.
     pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
     /// `limits.drain_timeout`.
@@ -74,6 +76,8 @@ struct RawPolicy {
     listen_allow: Vec<String>,
     #[serde(default)]
     connect_allow: Vec<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +89,7 @@ struct RawLimits {
     setup_timeout: Option<String>,
     idle_timeout: Option<String>,
     drain_delay: Option<String>,
+    proxy_header_timeout: Option<String>,
     drain_timeout: Option<String>,
 }
 
@@ -112,6 +117,8 @@ pub struct DmzConfig {
     pub listen_allow: Vec<AddrRule>,
     /// Outbound destinations agents may ask the DMZ to dial; empty: no outbound.
     pub connect_allow: Vec<ConnectRule>,
+    /// Peers whose PROXY protocol header is believed (on `accept_proxy` services).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Session and timeout limits.
     pub limits: Limits,
 }
@@ -131,6 +138,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Time in-flight sessions get to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Time a trusted proxy has to send the PROXY header.
+    pub proxy_header_timeout: Duration,
     /// Time between turning `/readyz` to 503 and closing the public listeners on shutdown,
     /// so a load balancer stops sending partners first.
     pub drain_delay: Duration,
@@ -237,6 +246,11 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             )
         })
         .collect();
+    let trusted_proxies = cfg::parse_networks(
+        &mut err,
+        "policy.trusted_proxies",
+        &raw.policy.trusted_proxies,
+    );
     let l = &raw.limits;
     let max_sessions = l.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
     if max_sessions == 0 {
@@ -268,6 +282,12 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             &l.idle_timeout,
             defaults::IDLE_TIMEOUT,
         ),
+        proxy_header_timeout: duration(
+            &mut err,
+            "limits.proxy_header_timeout",
+            &l.proxy_header_timeout,
+            defaults::PROXY_HEADER_TIMEOUT,
+        ),
         drain_delay: match &l.drain_delay {
             Some(s) => err
                 .check(
@@ -296,6 +316,7 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         public_bind,
         listen_allow,
         connect_allow,
+        trusted_proxies,
         limits,
     })
 }

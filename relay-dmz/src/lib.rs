@@ -64,6 +64,7 @@ pub(crate) struct Policy {
     pub(crate) verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     pub(crate) agents: Option<Vec<String>>,
     pub(crate) connect_allow: Vec<relay_tunnel::config::ConnectRule>,
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Policy {
@@ -73,6 +74,7 @@ impl Policy {
             verifier: config.verifier.clone(),
             agents: config.agents.clone(),
             connect_allow: config.connect_allow.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
         }
     }
 
@@ -109,6 +111,8 @@ pub struct Node {
     pub(crate) policy: std::sync::RwLock<Arc<Policy>>,
     pub(crate) live: std::sync::Mutex<std::collections::HashMap<u64, LiveTunnel>>,
     config: std::sync::Mutex<DmzConfig>,
+    /// Limits log lines about repeated bad input.
+    pub(crate) log_limit: relay_tunnel::ratelog::RateLimit,
     /// Cancelled when the node starts draining.
     pub(crate) draining: CancellationToken,
 }
@@ -143,7 +147,11 @@ pub async fn run(
 ) -> io::Result<()> {
     let metrics = relay_tunnel::telemetry::metrics_handle();
     let node = Arc::new(Node {
-        registry: Registry::new(config.public_bind, config.listen_allow.clone()),
+        registry: Registry::new(
+            config.public_bind,
+            config.listen_allow.clone(),
+            !config.trusted_proxies.is_empty(),
+        ),
         tunnel: TunnelSettings {
             keepalive: config.keepalive,
             handshake_timeout: config.limits.handshake_timeout,
@@ -158,6 +166,7 @@ pub async fn run(
         live: Default::default(),
         config: std::sync::Mutex::new(config),
         draining: CancellationToken::new(),
+        log_limit: relay_tunnel::ratelog::RateLimit::new(Duration::from_secs(1)),
     });
     let reload_node = node.clone();
     let reloader: admin::Reloader = Arc::new(move || reload::reload(&reload_node));

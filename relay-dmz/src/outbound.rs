@@ -247,6 +247,7 @@ async fn relay(
     let started = Instant::now();
     let (moved, result) = pump::pump(
         partner,
+        bytes::Bytes::new(),
         send,
         recv,
         &counters,

@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::RecvStream;
 use http::{Method, Request, StatusCode};
 use relay_tunnel::metrics as m;
 use relay_tunnel::protocol::{self, HEADER_REASON, Refusal, SessionMeta};
+use relay_tunnel::proxyproto;
 use relay_tunnel::pump::{self, PumpCounters, PumpError};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::Node;
-use crate::registry::{Carrier, PublicListener};
+use crate::registry::{Carrier, ListenerPolicy, PublicListener};
 
 /// Pause after an accept error (such as running out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -30,16 +31,16 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
         };
         match accepted {
             None => return,
-            Some(Ok((stream, partner))) => {
+            Some(Ok((stream, peer))) => {
                 let node2 = node.clone();
                 let service = listener.service.clone();
-                let allow = listener.allow();
+                let policy = listener.policy();
                 let session_id = protocol::new_session_id();
-                let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::INBOUND, %partner);
+                let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::INBOUND, %peer, partner = tracing::field::Empty);
                 node.sessions.spawn(
                     async move {
-                        let outcome = admit_and_relay(&node2, stream, partner, &service, &allow, session_id.clone()).await;
-                        if matches!(outcome, "source_denied" | "limit" | "no_agent") {
+                        let (outcome, partner) = admit_and_relay(&node2, stream, peer, &service, &policy, session_id.clone()).await;
+                        if matches!(outcome, "source_denied" | "limit" | "no_agent" | "proxy_header") {
                             tell_an_agent(&node2, &service, session_id, partner, outcome);
                         }
                         metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::INBOUND, "result" => outcome).increment(1);
@@ -81,17 +82,98 @@ fn tell_an_agent(node: &Node, service: &str, session: String, partner: SocketAdd
     }
 }
 
-/// Runs one partner session; returns its result label.
+/// Runs one partner session; returns its result label and the partner address (from the
+/// PROXY header when the service expects one from a trusted proxy).
 async fn admit_and_relay(
+    node: &Node,
+    partner_stream: TcpStream,
+    peer: SocketAddr,
+    service: &str,
+    policy: &ListenerPolicy,
+    session: String,
+) -> (&'static str, SocketAddr) {
+    let accepted_at = Instant::now();
+    let (partner, prefix) = if policy.accept_proxy {
+        match proxy_header(node, &partner_stream, peer).await {
+            Ok(pair) => pair,
+            Err(reason) => {
+                metrics::counter!(m::REJECTIONS, "reason" => "proxy_header").increment(1);
+                if let Some(held_back) = node.log_limit.check("proxy_header") {
+                    tracing::info!(%reason, held_back, "PROXY header refused: closed");
+                }
+                return ("proxy_header", peer);
+            }
+        }
+    } else {
+        (peer, Bytes::new())
+    };
+    tracing::Span::current().record("partner", tracing::field::display(partner));
+    let outcome = relay_partner(
+        node,
+        partner_stream,
+        partner,
+        service,
+        policy,
+        session,
+        prefix,
+        accepted_at,
+    )
+    .await;
+    (outcome, partner)
+}
+
+/// Reads the PROXY header a trusted proxy sends first; returns the partner address and any
+/// bytes read past the header.
+async fn proxy_header(
+    node: &Node,
+    stream: &TcpStream,
+    peer: SocketAddr,
+) -> Result<(SocketAddr, Bytes), String> {
+    let trusted = node
+        .policy()
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer.ip()));
+    if !trusted {
+        return Err(format!("{peer} is not in policy.trusted_proxies"));
+    }
+    let read = async {
+        let mut buf = BytesMut::with_capacity(256);
+        loop {
+            match proxyproto::parse(&buf)? {
+                proxyproto::Parsed::Header { len, source } => {
+                    let rest = buf.split_off(len).freeze();
+                    return Ok((source.unwrap_or(peer), rest));
+                }
+                proxyproto::Parsed::Incomplete => {}
+            }
+            stream.readable().await.map_err(|e| e.to_string())?;
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => return Err("connection closed before the PROXY header ended".to_owned()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let timeout = node.limits.proxy_header_timeout;
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| format!("no complete PROXY header within {timeout:?}"))?
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_partner(
     node: &Node,
     partner_stream: TcpStream,
     partner: SocketAddr,
     service: &str,
-    allow: &[ipnet::IpNet],
+    policy: &ListenerPolicy,
     session: String,
+    prefix: Bytes,
+    accepted_at: Instant,
 ) -> &'static str {
-    let accepted_at = Instant::now();
-    if !allow.is_empty() && !allow.iter().any(|net| net.contains(&partner.ip())) {
+    if !policy.allow.is_empty() && !policy.allow.iter().any(|net| net.contains(&partner.ip())) {
         metrics::counter!(m::REJECTIONS, "reason" => "source_denied").increment(1);
         tracing::debug!("partner source not in the service's allow list: closed");
         return "source_denied";
@@ -119,7 +201,7 @@ async fn admit_and_relay(
             Ok(Ok((send, recv))) => {
                 metrics::histogram!(m::SESSION_SETUP, "direction" => m::INBOUND)
                     .record(accepted_at.elapsed().as_secs_f64());
-                return relay(node, &carrier, service, partner_stream, send, recv).await;
+                return relay(node, &carrier, service, partner_stream, send, recv, prefix).await;
             }
             Ok(Err(OpenError::Refused(refusal, reason))) => {
                 tracing::debug!(agent = %carrier.agent, ?refusal, %reason, "agent refused the session; trying the next");
@@ -195,6 +277,7 @@ async fn relay(
     partner: TcpStream,
     send: h2::SendStream<Bytes>,
     recv: RecvStream,
+    prefix: Bytes,
 ) -> &'static str {
     carrier.active.fetch_add(1, Ordering::Relaxed);
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::INBOUND);
@@ -206,6 +289,7 @@ async fn relay(
     let started = Instant::now();
     let (moved, result) = pump::pump(
         partner,
+        prefix,
         send,
         recv,
         &counters,

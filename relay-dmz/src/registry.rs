@@ -43,6 +43,15 @@ pub struct Carrier {
     pub control: tokio::sync::mpsc::Sender<DmzMessage>,
 }
 
+/// How a service admits partners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerPolicy {
+    /// Partner source networks allowed; empty admits any.
+    pub allow: Vec<IpNet>,
+    /// Whether connections must start with a PROXY header from a trusted proxy.
+    pub accept_proxy: bool,
+}
+
 /// The bound public sockets of one service, shared by its accept loop and the registry.
 #[derive(Debug)]
 pub struct PublicListener {
@@ -53,8 +62,8 @@ pub struct PublicListener {
     next: AtomicUsize,
     /// Cancelled when the listener closes, to wake its accept loop.
     pub closed: CancellationToken,
-    /// The partner source networks allowed; empty admits any.
-    allow: Mutex<Arc<Vec<IpNet>>>,
+    /// Partner admission rules, from the most recent registration.
+    policy: Mutex<Arc<ListenerPolicy>>,
 }
 
 impl PublicListener {
@@ -79,9 +88,9 @@ impl PublicListener {
         Poll::Pending
     }
 
-    /// The partner networks allowed now.
-    pub fn allow(&self) -> Arc<Vec<IpNet>> {
-        lock(&self.allow).clone()
+    /// The partner admission rules in force now.
+    pub fn policy(&self) -> Arc<ListenerPolicy> {
+        lock(&self.policy).clone()
     }
 
     fn close(&self) {
@@ -114,6 +123,7 @@ pub struct Registry {
     inner: Mutex<Inner>,
     public_bind: Option<IpAddr>,
     listen_allow: std::sync::RwLock<Vec<AddrRule>>,
+    proxies_trusted: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
 }
 
@@ -172,18 +182,26 @@ fn close_if_unused(inner: &mut Inner, name: &str) {
 
 impl Registry {
     /// An empty registry for a node binding `public_bind` (when set) under `listen_allow`.
-    pub fn new(public_bind: Option<IpAddr>, listen_allow: Vec<AddrRule>) -> Arc<Self> {
+    pub fn new(
+        public_bind: Option<IpAddr>,
+        listen_allow: Vec<AddrRule>,
+        proxies_trusted: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::default(),
             public_bind,
             listen_allow: std::sync::RwLock::new(listen_allow),
+            proxies_trusted: proxies_trusted.into(),
             next_id: AtomicU64::new(1),
         })
     }
 
-    /// Replaces `policy.listen_allow` for registrations from now on.
-    pub fn set_listen_allow(&self, rules: Vec<AddrRule>) {
+    /// Replaces `policy.listen_allow`, and whether any proxy is trusted, for registrations
+    /// from now on.
+    pub fn set_policy(&self, rules: Vec<AddrRule>, proxies_trusted: bool) {
         *self.listen_allow.write().unwrap_or_else(|p| p.into_inner()) = rules;
+        self.proxies_trusted
+            .store(proxies_trusted, Ordering::Relaxed);
     }
 
     /// A new tunnel id.
@@ -242,9 +260,10 @@ impl Registry {
             ));
         }
         let spec: ListenSpec = decl.listen.parse()?;
-        if decl.accept_proxy {
+        if decl.accept_proxy && !self.proxies_trusted.load(Ordering::Relaxed) {
             return Err(
-                "accept_proxy: this DMZ version does not accept PROXY protocol headers".into(),
+                "accept_proxy: this DMZ node trusts no proxy (policy.trusted_proxies is empty)"
+                    .into(),
             );
         }
         let allow = decl
@@ -277,7 +296,10 @@ impl Registry {
                 ));
             }
             existing.pending += 1;
-            *lock(&existing.listener.allow) = Arc::new(allow);
+            *lock(&existing.listener.policy) = Arc::new(ListenerPolicy {
+                allow,
+                accept_proxy: decl.accept_proxy,
+            });
             return Ok(());
         }
         let bind_ip = self.public_bind.unwrap_or(spec.ip);
@@ -302,7 +324,10 @@ impl Registry {
             sockets: Mutex::new(Some(sockets)),
             next: AtomicUsize::new(0),
             closed: CancellationToken::new(),
-            allow: Mutex::new(Arc::new(allow)),
+            policy: Mutex::new(Arc::new(ListenerPolicy {
+                allow,
+                accept_proxy: decl.accept_proxy,
+            })),
         });
         inner.services.insert(
             decl.name.clone(),

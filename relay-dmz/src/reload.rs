@@ -46,7 +46,8 @@ fn apply(node: &Node) -> Result<String, String> {
     }
     let policy = Arc::new(Policy::from_config(&new));
     *node.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
-    node.registry.set_listen_allow(new.listen_allow.clone());
+    node.registry
+        .set_policy(new.listen_allow.clone(), !new.trusted_proxies.is_empty());
     let mut cut = 0;
     for tunnel in node.live.lock().unwrap_or_else(|p| p.into_inner()).values() {
         if !policy.admits(&tunnel.agent, &tunnel.chain) {

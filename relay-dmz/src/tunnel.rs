@@ -54,7 +54,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
         Err(refused) => {
             metrics::counter!(m::REJECTIONS, "reason" => refused.label()).increment(1);
             metrics::counter!(m::TUNNEL_CONNECTS, "result" => refused.label()).increment(1);
-            tracing::warn!(%peer, reason = %refused, "agent connection refused");
+            if let Some(held_back) = node.log_limit.check(refused.label()) {
+                tracing::warn!(%peer, reason = %refused, held_back, "agent connection refused");
+            }
             return;
         }
     };

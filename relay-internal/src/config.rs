@@ -99,6 +99,7 @@ struct RawInbound {
     allow: Vec<String>,
     #[serde(default)]
     accept_proxy: bool,
+    proxy_protocol: Option<String>,
 }
 
 /// A DMZ node to dial.
@@ -123,6 +124,8 @@ pub struct InboundService {
     pub allow: Vec<String>,
     /// Whether the DMZ expects a PROXY header on this port.
     pub accept_proxy: bool,
+    /// PROXY protocol header (with the partner address) to send to the target first.
+    pub proxy_protocol: Option<relay_tunnel::proxyproto::Version>,
 }
 
 impl InboundService {
@@ -355,6 +358,18 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
             );
         }
         cfg::parse_networks(&mut err, &key("allow"), &s.allow);
+        let proxy_protocol = match s.proxy_protocol.as_deref() {
+            None => None,
+            Some("v1") => Some(relay_tunnel::proxyproto::Version::V1),
+            Some("v2") => Some(relay_tunnel::proxyproto::Version::V2),
+            Some(other) => {
+                err.push(
+                    key("proxy_protocol"),
+                    format!("unknown version {other:?} (expected \"v1\" or \"v2\")"),
+                );
+                None
+            }
+        };
         if let (Some(listen), Some(target)) = (listen, target) {
             inbound.push(InboundService {
                 name: s.name.clone(),
@@ -362,6 +377,7 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
                 target,
                 allow: s.allow.clone(),
                 accept_proxy: s.accept_proxy,
+                proxy_protocol,
             });
         }
     }

@@ -36,7 +36,7 @@ pub async fn serve(
     };
     let span = tracing::info_span!("session", id = %meta.session, service = %service.name, direction = m::INBOUND, partner = %meta.partner, %dmz);
     async move {
-        let result = run(&agent, &service, port_offset, request, respond).await;
+        let result = run(&agent, &service, port_offset, &meta, request, respond).await;
         let duration = started.elapsed();
         let (outcome, moved) = match &result {
             Ok((moved, Ok(()))) => ("ok", *moved),
@@ -118,6 +118,7 @@ async fn run(
     agent: &Agent,
     service: &InboundService,
     port_offset: u16,
+    meta: &SessionMeta,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) -> Result<Ran, Refusal> {
@@ -157,7 +158,23 @@ async fn run(
             return Err(Refusal::TargetTimeout);
         }
     };
+    let mut target = target;
     let _ = target.set_nodelay(true);
+    if let Some(version) = service.proxy_protocol {
+        use tokio::io::AsyncWriteExt;
+        let header = relay_tunnel::proxyproto::encode(version, meta.partner, meta.local);
+        if !matches!(
+            tokio::time::timeout(timeout, target.write_all(&header)).await,
+            Ok(Ok(()))
+        ) {
+            refuse(
+                &mut respond,
+                Refusal::TargetRefused,
+                "target closed before the PROXY header was sent",
+            );
+            return Err(Refusal::TargetRefused);
+        }
+    }
     let send = match respond.send_response(
         Response::builder()
             .status(StatusCode::OK)
@@ -179,6 +196,7 @@ async fn run(
     };
     let ran = pump::pump(
         target,
+        bytes::Bytes::new(),
         send,
         request.into_body(),
         &counters,

@@ -123,7 +123,7 @@ pub async fn relay(
     service: &str,
     session: &str,
     engine: TcpStream,
-    mut opened: Opened,
+    opened: Opened,
     prefix: Bytes,
     started: Instant,
 ) {
@@ -136,36 +136,16 @@ pub async fn relay(
         to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
         to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
     };
-    let (moved, result) = if prefix.is_empty() {
-        pump::pump(
-            engine,
-            opened.send,
-            opened.recv,
-            &counters,
-            agent.limits.idle_timeout,
-            &agent.stop_sessions,
-        )
-        .await
-    } else {
-        let n = prefix.len() as u64;
-        match pump::send_all(&mut opened.send, prefix).await {
-            Ok(()) => {
-                counters.to_stream.increment(n);
-                let (mut moved, result) = pump::pump(
-                    engine,
-                    opened.send,
-                    opened.recv,
-                    &counters,
-                    agent.limits.idle_timeout,
-                    &agent.stop_sessions,
-                )
-                .await;
-                moved.to_stream += n;
-                (moved, result)
-            }
-            Err(e) => (Default::default(), Err(e)),
-        }
-    };
+    let (moved, result) = pump::pump(
+        engine,
+        prefix,
+        opened.send,
+        opened.recv,
+        &counters,
+        agent.limits.idle_timeout,
+        &agent.stop_sessions,
+    )
+    .await;
     active.decrement(1.0);
     drop(opened.lease);
     let outcome = match &result {

@@ -56,9 +56,12 @@ pub struct PumpCounters {
 }
 
 /// Copies bytes both ways until both directions have ended, one side resets, or the session is
-/// idle for `idle_timeout`, or `stop` is cancelled. On error both sides are reset.
+/// idle for `idle_timeout`, or `stop` is cancelled. On error both sides are reset. `prefix`
+/// holds bytes already read from the socket (after a proxy request or PROXY header); they are
+/// sent into the stream first.
 pub async fn pump(
     tcp: TcpStream,
+    prefix: Bytes,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     counters: &PumpCounters,
@@ -71,7 +74,15 @@ pub async fn pump(
     let to_stream = AtomicU64::new(0);
     let to_socket = AtomicU64::new(0);
 
-    let up = socket_to_stream(&tcp, &mut send, &counters.to_stream, &to_stream, &touch);
+    let up = async {
+        if !prefix.is_empty() {
+            let n = prefix.len() as u64;
+            send_all(&mut send, prefix).await?;
+            counters.to_stream.increment(n);
+            to_stream.fetch_add(n, Ordering::Relaxed);
+        }
+        socket_to_stream(&tcp, &mut send, &counters.to_stream, &to_stream, &touch).await
+    };
     let down = stream_to_socket(&mut recv, &tcp, &counters.to_socket, &to_socket, &touch);
     let idle = async {
         loop {

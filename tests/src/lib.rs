@@ -87,6 +87,8 @@ pub struct DmzOptions {
     pub listen_allow: Vec<String>,
     /// `policy.connect_allow`.
     pub connect_allow: Vec<String>,
+    /// `policy.trusted_proxies`.
+    pub trusted_proxies: Vec<String>,
     /// Extra TOML appended under `[limits]`.
     pub limits: String,
 }
@@ -101,6 +103,7 @@ impl Default for DmzOptions {
             public_bind: None,
             listen_allow: vec!["127.0.0.0/8:1024-65535".into()],
             connect_allow: Vec::new(),
+            trusted_proxies: Vec::new(),
             limits: String::new(),
         }
     }
@@ -125,8 +128,8 @@ impl DmzOptions {
             s += &format!("\n[public]\nbind = \"{bind}\"\n");
         }
         s += &format!(
-            "\n[policy]\nlisten_allow = {:?}\nconnect_allow = {:?}\n",
-            self.listen_allow, self.connect_allow
+            "\n[policy]\nlisten_allow = {:?}\nconnect_allow = {:?}\ntrusted_proxies = {:?}\n",
+            self.listen_allow, self.connect_allow, self.trusted_proxies
         );
         s += &format!("\n[limits]\n{}\n", self.limits);
         s
