@@ -15,12 +15,22 @@ pub mod defaults {
     use std::time::Duration;
     /// `limits.max_sessions`.
     pub const MAX_SESSIONS: usize = 10_000;
+    /// `limits.max_sessions_per_source`.
+    pub const MAX_SESSIONS_PER_SOURCE: u32 = 256;
+    /// `limits.source_rate` (new connections per second per source).
+    pub const SOURCE_RATE: u32 = 50;
+    /// `limits.source_burst`.
+    pub const SOURCE_BURST: u32 = 100;
+    /// `limits.memory_budget_mib`.
+    pub const MEMORY_BUDGET_MIB: u64 = 2048;
     /// `limits.handshake_timeout`.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `limits.connect_timeout`.
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
     /// `limits.setup_timeout`.
     pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+    /// `limits.half_closed_timeout`.
+    pub const HALF_CLOSED_TIMEOUT: Duration = Duration::from_secs(30);
     /// `limits.idle_timeout`.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     /// `limits.proxy_header_timeout`.
@@ -78,16 +88,24 @@ struct RawPolicy {
     connect_allow: Vec<String>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_sessions: Option<usize>,
+    max_sessions_per_service: Option<usize>,
+    max_sessions_per_source: Option<u32>,
+    source_rate: Option<u32>,
+    source_burst: Option<u32>,
+    memory_budget_mib: Option<u64>,
     handshake_timeout: Option<String>,
     connect_timeout: Option<String>,
     setup_timeout: Option<String>,
     idle_timeout: Option<String>,
+    half_closed_timeout: Option<String>,
     drain_delay: Option<String>,
     proxy_header_timeout: Option<String>,
     drain_timeout: Option<String>,
@@ -119,6 +137,8 @@ pub struct DmzConfig {
     pub connect_allow: Vec<ConnectRule>,
     /// Peers whose PROXY protocol header is believed (on `accept_proxy` services).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Partner networks refused on every service.
+    pub deny: Vec<ipnet::IpNet>,
     /// Session and timeout limits.
     pub limits: Limits,
 }
@@ -128,6 +148,16 @@ pub struct DmzConfig {
 pub struct Limits {
     /// Partner sessions in flight at most, over all services.
     pub max_sessions: usize,
+    /// Sessions in flight at most per service.
+    pub max_sessions_per_service: usize,
+    /// Sessions in flight at most per partner address.
+    pub max_sessions_per_source: u32,
+    /// New connections per second per partner address (token bucket rate).
+    pub source_rate: u32,
+    /// New connections a partner address may open at once (token bucket size).
+    pub source_burst: u32,
+    /// Resident memory beyond which no new session is accepted; `None`: no budget.
+    pub memory_budget: Option<u64>,
     /// Time an agent has for the TLS handshake and its registration.
     pub handshake_timeout: Duration,
     /// Time to dial an outbound destination.
@@ -136,6 +166,8 @@ pub struct Limits {
     pub setup_timeout: Duration,
     /// A session with no byte moving either way for this long is closed.
     pub idle_timeout: Duration,
+    /// One direction of a session ended and the other did not within this long: closed.
+    pub half_closed_timeout: Duration,
     /// Time in-flight sessions get to finish on shutdown.
     pub drain_timeout: Duration,
     /// Time a trusted proxy has to send the PROXY header.
@@ -143,6 +175,37 @@ pub struct Limits {
     /// Time between turning `/readyz` to 503 and closing the public listeners on shutdown,
     /// so a load balancer stops sending partners first.
     pub drain_delay: Duration,
+}
+
+impl Limits {
+    /// The defaults, for unit tests.
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Self {
+            max_sessions: defaults::MAX_SESSIONS,
+            max_sessions_per_service: defaults::MAX_SESSIONS,
+            max_sessions_per_source: defaults::MAX_SESSIONS_PER_SOURCE,
+            source_rate: defaults::SOURCE_RATE,
+            source_burst: defaults::SOURCE_BURST,
+            memory_budget: None,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            setup_timeout: defaults::SETUP_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            half_closed_timeout: defaults::HALF_CLOSED_TIMEOUT,
+            drain_timeout: defaults::DRAIN_TIMEOUT,
+            proxy_header_timeout: defaults::PROXY_HEADER_TIMEOUT,
+            drain_delay: defaults::DRAIN_DELAY,
+        }
+    }
+
+    /// The time limits of one session.
+    pub fn pump(&self) -> relay_tunnel::pump::PumpLimits {
+        relay_tunnel::pump::PumpLimits {
+            idle_timeout: self.idle_timeout,
+            half_closed_timeout: self.half_closed_timeout,
+        }
+    }
 }
 
 impl DmzConfig {
@@ -246,6 +309,7 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             )
         })
         .collect();
+    let deny = cfg::parse_networks(&mut err, "policy.deny", &raw.policy.deny);
     let trusted_proxies = cfg::parse_networks(
         &mut err,
         "policy.trusted_proxies",
@@ -256,8 +320,34 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
     if max_sessions == 0 {
         err.push("limits.max_sessions", "must be at least 1");
     }
+    for (key, value) in [
+        (
+            "limits.max_sessions_per_service",
+            l.max_sessions_per_service.map(|v| v as u64),
+        ),
+        (
+            "limits.max_sessions_per_source",
+            l.max_sessions_per_source.map(u64::from),
+        ),
+        ("limits.source_rate", l.source_rate.map(u64::from)),
+        ("limits.source_burst", l.source_burst.map(u64::from)),
+    ] {
+        if value == Some(0) {
+            err.push(key, "must be at least 1");
+        }
+    }
     let limits = Limits {
         max_sessions,
+        max_sessions_per_service: l.max_sessions_per_service.unwrap_or(max_sessions),
+        max_sessions_per_source: l
+            .max_sessions_per_source
+            .unwrap_or(defaults::MAX_SESSIONS_PER_SOURCE),
+        source_rate: l.source_rate.unwrap_or(defaults::SOURCE_RATE),
+        source_burst: l.source_burst.unwrap_or(defaults::SOURCE_BURST),
+        memory_budget: match l.memory_budget_mib.unwrap_or(defaults::MEMORY_BUDGET_MIB) {
+            0 => None,
+            mib => Some(mib * 1024 * 1024),
+        },
         handshake_timeout: duration(
             &mut err,
             "limits.handshake_timeout",
@@ -275,6 +365,12 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             "limits.setup_timeout",
             &l.setup_timeout,
             defaults::SETUP_TIMEOUT,
+        ),
+        half_closed_timeout: duration(
+            &mut err,
+            "limits.half_closed_timeout",
+            &l.half_closed_timeout,
+            defaults::HALF_CLOSED_TIMEOUT,
         ),
         idle_timeout: duration(
             &mut err,
@@ -317,6 +413,7 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         listen_allow,
         connect_allow,
         trusted_proxies,
+        deny,
         limits,
     })
 }

@@ -3,6 +3,7 @@
 //! one HTTP/2 stream. It stores nothing and never dials the protected network.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod config;
 pub mod control;
 pub mod outbound;
@@ -65,6 +66,7 @@ pub(crate) struct Policy {
     pub(crate) agents: Option<Vec<String>>,
     pub(crate) connect_allow: Vec<relay_tunnel::config::ConnectRule>,
     pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
+    pub(crate) deny: Vec<ipnet::IpNet>,
 }
 
 impl Policy {
@@ -75,6 +77,7 @@ impl Policy {
             agents: config.agents.clone(),
             connect_allow: config.connect_allow.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
+            deny: config.deny.clone(),
         }
     }
 
@@ -104,6 +107,7 @@ pub struct Node {
     pub(crate) tunnel: TunnelSettings,
     pub(crate) limits: Limits,
     pub(crate) session_limit: Arc<Semaphore>,
+    pub(crate) admission: Arc<admission::Admission>,
     pub(crate) sessions: TaskTracker,
     pub(crate) sessions_cancel: CancellationToken,
     pub(crate) listeners: TaskTracker,
@@ -129,6 +133,9 @@ impl Node {
     fn readiness(&self) -> Result<(), String> {
         if self.draining.is_cancelled() {
             return Err("draining: shutting down".into());
+        }
+        if self.admission.over_budget() {
+            return Err("over the memory budget: refusing new sessions".into());
         }
         match self.registry.tunnels() {
             0 => Err("no agent connected".into()),
@@ -158,6 +165,7 @@ pub async fn run(
         },
         limits: config.limits,
         session_limit: Arc::new(Semaphore::new(config.limits.max_sessions)),
+        admission: admission::Admission::new(config.limits),
         sessions: TaskTracker::new(),
         sessions_cancel: CancellationToken::new(),
         listeners: TaskTracker::new(),
@@ -168,6 +176,7 @@ pub async fn run(
         draining: CancellationToken::new(),
         log_limit: relay_tunnel::ratelog::RateLimit::new(Duration::from_secs(1)),
     });
+    tokio::spawn(node.admission.clone().watch_memory(shutdown.clone()));
     let reload_node = node.clone();
     let reloader: admin::Reloader = Arc::new(move || reload::reload(&reload_node));
     tokio::spawn(relay_tunnel::signals::on_reload(

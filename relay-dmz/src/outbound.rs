@@ -14,7 +14,7 @@ use http::{Method, Request, Response};
 use relay_tunnel::config::ConnectRule;
 use relay_tunnel::metrics as m;
 use relay_tunnel::protocol::{self, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal};
-use relay_tunnel::pump::{self, PumpCounters, PumpError};
+use relay_tunnel::pump::{self, PumpCounters};
 use relay_tunnel::{h2conf, keepalive};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -251,7 +251,7 @@ async fn relay(
         send,
         recv,
         &counters,
-        node.limits.idle_timeout,
+        node.limits.pump(),
         &node.sessions_cancel,
     )
     .await;
@@ -267,12 +267,7 @@ async fn relay(
             tracing::debug!(up = moved.to_stream, down = moved.to_socket, error = %e, "session ended")
         }
     }
-    match result {
-        Ok(()) => "ok",
-        Err(PumpError::Stopped) => "drain_timeout",
-        Err(PumpError::Idle(_)) => "idle",
-        Err(_) => "reset",
-    }
+    pump::outcome(&result)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use http::{Method, Request, StatusCode};
 use relay_tunnel::metrics as m;
 use relay_tunnel::protocol::{self, HEADER_REASON, Refusal, SessionMeta};
 use relay_tunnel::proxyproto;
-use relay_tunnel::pump::{self, PumpCounters, PumpError};
+use relay_tunnel::pump::{self, PumpCounters};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -173,15 +173,32 @@ async fn relay_partner(
     prefix: Bytes,
     accepted_at: Instant,
 ) -> &'static str {
-    if !policy.allow.is_empty() && !policy.allow.iter().any(|net| net.contains(&partner.ip())) {
+    let denied = node
+        .policy()
+        .deny
+        .iter()
+        .any(|net| net.contains(&partner.ip()));
+    if denied
+        || (!policy.allow.is_empty() && !policy.allow.iter().any(|net| net.contains(&partner.ip())))
+    {
         metrics::counter!(m::REJECTIONS, "reason" => "source_denied").increment(1);
-        tracing::debug!("partner source not in the service's allow list: closed");
+        tracing::debug!("partner source denied (policy.deny or the service's allow list): closed");
         return "source_denied";
     }
     let Ok(_permit) = node.session_limit.clone().try_acquire_owned() else {
         metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
         tracing::debug!("session limit reached: closed");
         return "limit";
+    };
+    let _ticket = match node.admission.admit(service, partner.ip()) {
+        Ok(ticket) => ticket,
+        Err(reason) => {
+            metrics::counter!(m::REJECTIONS, "reason" => reason).increment(1);
+            if let Some(held_back) = node.log_limit.check(reason) {
+                tracing::info!(reason, held_back, "partner refused by a limit: closed");
+            }
+            return "limit";
+        }
     };
     let _ = partner_stream.set_nodelay(true);
     let local = match partner_stream.local_addr() {
@@ -293,19 +310,14 @@ async fn relay(
         send,
         recv,
         &counters,
-        node.limits.idle_timeout,
+        node.limits.pump(),
         &node.sessions_cancel,
     )
     .await;
     active.decrement(1.0);
     carrier.active.fetch_sub(1, Ordering::Relaxed);
     metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());
-    let label = match &result {
-        Ok(()) => "ok",
-        Err(PumpError::Stopped) => "drain_timeout",
-        Err(PumpError::Idle(_)) => "idle",
-        Err(_) => "reset",
-    };
+    let label = pump::outcome(&result);
     match result {
         Ok(()) => {
             tracing::debug!(agent = %carrier.agent, up = moved.to_stream, down = moved.to_socket, "session closed")

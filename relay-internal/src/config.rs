@@ -23,6 +23,8 @@ pub mod defaults {
     pub const MAX_SESSIONS: usize = 10_000;
     /// `limits.connect_timeout`.
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `limits.half_closed_timeout`.
+    pub const HALF_CLOSED_TIMEOUT: Duration = Duration::from_secs(30);
     /// `limits.idle_timeout`.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     /// `limits.drain_timeout`.
@@ -70,6 +72,7 @@ struct RawLimits {
     max_sessions: Option<usize>,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
+    half_closed_timeout: Option<String>,
     drain_timeout: Option<String>,
 }
 
@@ -169,8 +172,20 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// A session with no byte moving either way for this long is closed.
     pub idle_timeout: Duration,
+    /// One direction of a session ended and the other did not within this long: closed.
+    pub half_closed_timeout: Duration,
     /// Time in-flight sessions get to finish on shutdown.
     pub drain_timeout: Duration,
+}
+
+impl Limits {
+    /// The time limits of one session.
+    pub fn pump(&self) -> relay_tunnel::pump::PumpLimits {
+        relay_tunnel::pump::PumpLimits {
+            idle_timeout: self.idle_timeout,
+            half_closed_timeout: self.half_closed_timeout,
+        }
+    }
 }
 
 /// A checked agent config.
@@ -312,6 +327,12 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
             "limits.connect_timeout",
             &l.connect_timeout,
             defaults::CONNECT_TIMEOUT,
+        ),
+        half_closed_timeout: duration(
+            &mut err,
+            "limits.half_closed_timeout",
+            &l.half_closed_timeout,
+            defaults::HALF_CLOSED_TIMEOUT,
         ),
         idle_timeout: duration(
             &mut err,

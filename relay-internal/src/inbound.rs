@@ -39,10 +39,7 @@ pub async fn serve(
         let result = run(&agent, &service, port_offset, &meta, request, respond).await;
         let duration = started.elapsed();
         let (outcome, moved) = match &result {
-            Ok((moved, Ok(()))) => ("ok", *moved),
-            Ok((moved, Err(PumpError::Idle(_)))) => ("idle", *moved),
-            Ok((moved, Err(PumpError::Stopped))) => ("drain_timeout", *moved),
-            Ok((moved, Err(_))) => ("reset", *moved),
+            Ok((moved, ran)) => (pump::outcome(ran), *moved),
             Err(refusal) => (refusal.label(), Default::default()),
         };
         metrics::counter!(m::SESSIONS_TOTAL, "service" => service.name.clone(), "direction" => m::INBOUND, "result" => outcome).increment(1);
@@ -200,7 +197,7 @@ async fn run(
         send,
         request.into_body(),
         &counters,
-        agent.limits.idle_timeout,
+        agent.limits.pump(),
         &agent.stop_sessions,
     )
     .await;

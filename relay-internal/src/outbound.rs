@@ -10,7 +10,7 @@ use http::{Method, Request, StatusCode};
 use relay_tunnel::h2conf::ANSWER_MARGIN;
 use relay_tunnel::metrics as m;
 use relay_tunnel::protocol::{self, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal};
-use relay_tunnel::pump::{self, PumpCounters, PumpError};
+use relay_tunnel::pump::{self, PumpCounters};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -142,18 +142,13 @@ pub async fn relay(
         opened.send,
         opened.recv,
         &counters,
-        agent.limits.idle_timeout,
+        agent.limits.pump(),
         &agent.stop_sessions,
     )
     .await;
     active.decrement(1.0);
     drop(opened.lease);
-    let outcome = match &result {
-        Ok(()) => "ok",
-        Err(PumpError::Idle(_)) => "idle",
-        Err(PumpError::Stopped) => "drain_timeout",
-        Err(_) => "reset",
-    };
+    let outcome = pump::outcome(&result);
     audit(
         service,
         session,

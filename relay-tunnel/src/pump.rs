@@ -41,9 +41,24 @@ pub enum PumpError {
     /// Neither side moved a byte for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// One direction ended and the other stayed open too long.
+    #[error("half-closed for {0:?}")]
+    HalfClosed(Duration),
     /// The relay stopped the session (shutdown deadline).
     #[error("stopped by shutdown")]
     Stopped,
+}
+
+/// The result label of a session that ran: `ok`, `idle`, `half_closed`, `drain_timeout` or
+/// `reset`.
+pub fn outcome(result: &Result<(), PumpError>) -> &'static str {
+    match result {
+        Ok(()) => "ok",
+        Err(PumpError::Idle(_)) => "idle",
+        Err(PumpError::HalfClosed(_)) => "half_closed",
+        Err(PumpError::Stopped) => "drain_timeout",
+        Err(PumpError::Socket(_) | PumpError::Stream(_)) => "reset",
+    }
 }
 
 /// Counters a pump advances as bytes move, so long sessions show in metrics while they run.
@@ -55,22 +70,41 @@ pub struct PumpCounters {
     pub to_socket: metrics::Counter,
 }
 
-/// Copies bytes both ways until both directions have ended, one side resets, or the session is
-/// idle for `idle_timeout`, or `stop` is cancelled. On error both sides are reset. `prefix`
-/// holds bytes already read from the socket (after a proxy request or PROXY header); they are
-/// sent into the stream first.
+/// The time limits of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct PumpLimits {
+    /// Neither side moved a byte for this long: the session is closed.
+    pub idle_timeout: Duration,
+    /// One direction ended (FIN) and the other did not within this long: closed.
+    pub half_closed_timeout: Duration,
+}
+
+/// Copies bytes both ways until both directions have ended, one side resets, a time limit
+/// runs out, or `stop` is cancelled. On error both sides are reset. `prefix` holds bytes
+/// already read from the socket (after a proxy request or PROXY header); they are sent into
+/// the stream first.
 pub async fn pump(
     tcp: TcpStream,
     prefix: Bytes,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     counters: &PumpCounters,
-    idle_timeout: Duration,
+    limits: PumpLimits,
     stop: &CancellationToken,
 ) -> (Transferred, Result<(), PumpError>) {
     let start = Instant::now();
+    let since_start = || start.elapsed().as_millis() as u64;
     let last_activity = AtomicU64::new(0);
-    let touch = || last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let touch = || last_activity.store(since_start(), Ordering::Relaxed);
+    // When the first direction ended, in ms since start plus one (0: both still open).
+    let half_closed = AtomicU64::new(0);
+    let half_closed_now = tokio::sync::Notify::new();
+    let ended = |r: &Result<(), PumpError>| {
+        if r.is_ok() && half_closed.load(Ordering::Relaxed) == 0 {
+            half_closed.store(since_start() + 1, Ordering::Relaxed);
+            half_closed_now.notify_one();
+        }
+    };
     let to_stream = AtomicU64::new(0);
     let to_socket = AtomicU64::new(0);
 
@@ -81,22 +115,40 @@ pub async fn pump(
             counters.to_stream.increment(n);
             to_stream.fetch_add(n, Ordering::Relaxed);
         }
-        socket_to_stream(&tcp, &mut send, &counters.to_stream, &to_stream, &touch).await
+        let r = socket_to_stream(&tcp, &mut send, &counters.to_stream, &to_stream, &touch).await;
+        ended(&r);
+        r
     };
-    let down = stream_to_socket(&mut recv, &tcp, &counters.to_socket, &to_socket, &touch);
-    let idle = async {
+    let down = async {
+        let r = stream_to_socket(&mut recv, &tcp, &counters.to_socket, &to_socket, &touch).await;
+        ended(&r);
+        r
+    };
+    let watch = async {
         loop {
-            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
-            let deadline = start + last + idle_timeout;
-            if Instant::now() >= deadline {
-                return PumpError::Idle(idle_timeout);
+            let idle_deadline = start
+                + Duration::from_millis(last_activity.load(Ordering::Relaxed))
+                + limits.idle_timeout;
+            let half = half_closed.load(Ordering::Relaxed);
+            let half_deadline = (half > 0)
+                .then(|| start + Duration::from_millis(half - 1) + limits.half_closed_timeout);
+            let now = Instant::now();
+            if now >= idle_deadline {
+                return PumpError::Idle(limits.idle_timeout);
             }
-            tokio::time::sleep_until(deadline.into()).await;
+            if half_deadline.is_some_and(|d| now >= d) {
+                return PumpError::HalfClosed(limits.half_closed_timeout);
+            }
+            let next = half_deadline.map_or(idle_deadline, |d| d.min(idle_deadline));
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = half_closed_now.notified() => {}
+            }
         }
     };
     let result = tokio::select! {
         r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
-        e = idle => Err(e),
+        e = watch => Err(e),
         _ = stop.cancelled() => Err(PumpError::Stopped),
     };
     if result.is_err() {

@@ -1,0 +1,221 @@
+//! Admission of partner connections beyond the global session limit: per-service and
+//! per-source concurrent sessions, a per-source token bucket for new connections, and a
+//! memory budget. Each check is cheap and happens before any byte goes to an agent.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::config::Limits;
+
+/// Sources tracked at most; beyond that, new sources are refused until old ones go idle.
+const MAX_SOURCES: usize = 100_000;
+
+#[derive(Debug)]
+struct Source {
+    active: u32,
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// Per-service and per-source admission state.
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    sources: Mutex<HashMap<IpAddr, Source>>,
+    services: Mutex<HashMap<String, usize>>,
+    over_budget: AtomicBool,
+}
+
+/// A session admitted; its counts are released when dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    service: String,
+    source: IpAddr,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.admission.services).get_mut(&self.service) {
+            *n -= 1;
+        }
+        let mut sources = lock(&self.admission.sources);
+        if let Some(s) = sources.get_mut(&self.source) {
+            s.active -= 1;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Admission {
+    /// Admission under `limits`.
+    pub fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            sources: Mutex::default(),
+            services: Mutex::default(),
+            over_budget: AtomicBool::new(false),
+        })
+    }
+
+    /// Admits a new session of `service` from `source`, or says which limit refused it
+    /// (the `relay_rejections_total` reason).
+    pub fn admit(self: &Arc<Self>, service: &str, source: IpAddr) -> Result<Ticket, &'static str> {
+        if self.over_budget.load(Ordering::Relaxed) {
+            return Err("memory");
+        }
+        let l = &self.limits;
+        {
+            let mut sources = lock(&self.sources);
+            let now = Instant::now();
+            if !sources.contains_key(&source) && sources.len() >= MAX_SOURCES {
+                // Forget sources with no session whose bucket has refilled.
+                sources
+                    .retain(|_, s| s.active > 0 || refill(s, l, now) < f64::from(l.source_burst));
+                if sources.len() >= MAX_SOURCES {
+                    return Err("source_limit");
+                }
+            }
+            let s = sources.entry(source).or_insert(Source {
+                active: 0,
+                tokens: f64::from(l.source_burst),
+                refilled: now,
+            });
+            refill(s, l, now);
+            if s.tokens < 1.0 {
+                return Err("rate_limit");
+            }
+            if s.active >= l.max_sessions_per_source {
+                return Err("source_limit");
+            }
+            s.tokens -= 1.0;
+            s.active += 1;
+        }
+        let mut services = lock(&self.services);
+        let n = services.entry(service.to_owned()).or_default();
+        if *n >= l.max_sessions_per_service {
+            drop(services);
+            if let Some(s) = lock(&self.sources).get_mut(&source) {
+                s.active -= 1;
+            }
+            return Err("service_limit");
+        }
+        *n += 1;
+        Ok(Ticket {
+            admission: self.clone(),
+            service: service.to_owned(),
+            source,
+        })
+    }
+
+    /// Whether the process is over its memory budget.
+    pub fn over_budget(&self) -> bool {
+        self.over_budget.load(Ordering::Relaxed)
+    }
+
+    /// Checks the process's resident memory against the budget every second, until `stop`.
+    pub async fn watch_memory(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let Some(budget) = self.limits.memory_budget else {
+            return;
+        };
+        loop {
+            if let Some(rss) = resident_bytes() {
+                let over = rss > budget;
+                if over != self.over_budget.swap(over, Ordering::Relaxed) {
+                    if over {
+                        tracing::warn!(
+                            rss,
+                            budget,
+                            "memory budget exceeded: refusing new sessions"
+                        );
+                    } else {
+                        tracing::info!(
+                            rss,
+                            budget,
+                            "back under the memory budget: accepting sessions"
+                        );
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// Adds the tokens earned since the last refill; returns the new level.
+fn refill(s: &mut Source, l: &Limits, now: Instant) -> f64 {
+    let earned = now.duration_since(s.refilled).as_secs_f64() * f64::from(l.source_rate);
+    s.tokens = (s.tokens + earned).min(f64::from(l.source_burst));
+    s.refilled = now;
+    s.tokens
+}
+
+/// Resident set size of this process, from /proc/self/statm.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_source: u32, per_service: usize, rate: u32, burst: u32) -> Limits {
+        let mut l = crate::config::Limits::for_tests();
+        l.max_sessions_per_source = per_source;
+        l.max_sessions_per_service = per_service;
+        l.source_rate = rate;
+        l.source_burst = burst;
+        l
+    }
+
+    #[test]
+    fn per_source_concurrency_is_bounded_and_released() {
+        let a = Admission::new(limits(2, 100, 1000, 1000));
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        let t1 = a.admit("s", ip).unwrap();
+        let _t2 = a.admit("s", ip).unwrap();
+        assert_eq!(a.admit("s", ip).unwrap_err(), "source_limit");
+        assert!(
+            a.admit("s", "198.51.100.2".parse().unwrap()).is_ok(),
+            "another source is not affected"
+        );
+        drop(t1);
+        assert!(a.admit("s", ip).is_ok());
+    }
+
+    #[test]
+    fn per_service_concurrency_is_bounded() {
+        let a = Admission::new(limits(100, 1, 1000, 1000));
+        let _t = a.admit("s", "198.51.100.1".parse().unwrap()).unwrap();
+        assert_eq!(
+            a.admit("s", "198.51.100.2".parse().unwrap()).unwrap_err(),
+            "service_limit"
+        );
+        assert!(a.admit("other", "198.51.100.2".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn new_connections_per_source_follow_the_token_bucket() {
+        let a = Admission::new(limits(1000, 1000, 1, 3));
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        for _ in 0..3 {
+            drop(a.admit("s", ip).unwrap());
+        }
+        assert_eq!(a.admit("s", ip).unwrap_err(), "rate_limit");
+        assert!(
+            a.admit("s", "198.51.100.9".parse().unwrap()).is_ok(),
+            "another source has its own bucket"
+        );
+    }
+}
