@@ -34,7 +34,7 @@ pub struct Admission {
 pub struct Ticket {
     admission: Arc<Admission>,
     service: String,
-    source: IpAddr,
+    source: Option<IpAddr>,
 }
 
 impl Drop for Ticket {
@@ -42,8 +42,9 @@ impl Drop for Ticket {
         if let Some(n) = lock(&self.admission.services).get_mut(&self.service) {
             *n -= 1;
         }
-        let mut sources = lock(&self.admission.sources);
-        if let Some(s) = sources.get_mut(&self.source) {
+        if let Some(source) = self.source
+            && let Some(s) = lock(&self.admission.sources).get_mut(&source)
+        {
             s.active -= 1;
         }
     }
@@ -71,7 +72,8 @@ impl Admission {
             return Err("memory");
         }
         let l = &self.limits;
-        {
+        let track_source = l.max_sessions_per_source.is_some() || l.source_rate.is_some();
+        if track_source {
             let mut sources = lock(&self.sources);
             let now = Instant::now();
             if !sources.contains_key(&source) && sources.len() >= MAX_SOURCES {
@@ -87,11 +89,13 @@ impl Admission {
                 tokens: f64::from(l.source_burst),
                 refilled: now,
             });
-            refill(s, l, now);
-            if s.tokens < 1.0 {
-                return Err("rate_limit");
+            if l.source_rate.is_some() {
+                refill(s, l, now);
+                if s.tokens < 1.0 {
+                    return Err("rate_limit");
+                }
             }
-            if s.active >= l.max_sessions_per_source {
+            if l.max_sessions_per_source.is_some_and(|max| s.active >= max) {
                 return Err("source_limit");
             }
             s.tokens -= 1.0;
@@ -101,7 +105,7 @@ impl Admission {
         let n = services.entry(service.to_owned()).or_default();
         if *n >= l.max_sessions_per_service {
             drop(services);
-            if let Some(s) = lock(&self.sources).get_mut(&source) {
+            if track_source && let Some(s) = lock(&self.sources).get_mut(&source) {
                 s.active -= 1;
             }
             return Err("service_limit");
@@ -110,7 +114,7 @@ impl Admission {
         Ok(Ticket {
             admission: self.clone(),
             service: service.to_owned(),
-            source,
+            source: track_source.then_some(source),
         })
     }
 
@@ -153,7 +157,8 @@ impl Admission {
 
 /// Adds the tokens earned since the last refill; returns the new level.
 fn refill(s: &mut Source, l: &Limits, now: Instant) -> f64 {
-    let earned = now.duration_since(s.refilled).as_secs_f64() * f64::from(l.source_rate);
+    let earned =
+        now.duration_since(s.refilled).as_secs_f64() * f64::from(l.source_rate.unwrap_or(0));
     s.tokens = (s.tokens + earned).min(f64::from(l.source_burst));
     s.refilled = now;
     s.tokens
@@ -172,9 +177,9 @@ mod tests {
 
     fn limits(per_source: u32, per_service: usize, rate: u32, burst: u32) -> Limits {
         let mut l = crate::config::Limits::for_tests();
-        l.max_sessions_per_source = per_source;
+        l.max_sessions_per_source = Some(per_source);
         l.max_sessions_per_service = per_service;
-        l.source_rate = rate;
+        l.source_rate = Some(rate);
         l.source_burst = burst;
         l
     }

@@ -15,12 +15,8 @@ pub mod defaults {
     use std::time::Duration;
     /// `limits.max_sessions`.
     pub const MAX_SESSIONS: usize = 10_000;
-    /// `limits.max_sessions_per_source`.
-    pub const MAX_SESSIONS_PER_SOURCE: u32 = 256;
-    /// `limits.source_rate` (new connections per second per source).
-    pub const SOURCE_RATE: u32 = 50;
-    /// `limits.source_burst`.
-    pub const SOURCE_BURST: u32 = 100;
+    /// `limits.source_burst` when `limits.source_rate` is set without it: two seconds' worth.
+    pub const SOURCE_BURST_SECONDS: u32 = 2;
     /// `limits.memory_budget_mib`.
     pub const MEMORY_BUDGET_MIB: u64 = 2048;
     /// `limits.handshake_timeout`.
@@ -150,10 +146,11 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Sessions in flight at most per service.
     pub max_sessions_per_service: usize,
-    /// Sessions in flight at most per partner address.
-    pub max_sessions_per_source: u32,
-    /// New connections per second per partner address (token bucket rate).
-    pub source_rate: u32,
+    /// Sessions in flight at most per partner address; `None` (the default): no limit, since
+    /// behind a load balancer without PROXY protocol every partner has the balancer's address.
+    pub max_sessions_per_source: Option<u32>,
+    /// New connections per second per partner address (token bucket rate); `None`: no limit.
+    pub source_rate: Option<u32>,
     /// New connections a partner address may open at once (token bucket size).
     pub source_burst: u32,
     /// Resident memory beyond which no new session is accepted; `None`: no budget.
@@ -184,9 +181,9 @@ impl Limits {
         Self {
             max_sessions: defaults::MAX_SESSIONS,
             max_sessions_per_service: defaults::MAX_SESSIONS,
-            max_sessions_per_source: defaults::MAX_SESSIONS_PER_SOURCE,
-            source_rate: defaults::SOURCE_RATE,
-            source_burst: defaults::SOURCE_BURST,
+            max_sessions_per_source: None,
+            source_rate: None,
+            source_burst: 1,
             memory_budget: None,
             handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             connect_timeout: defaults::CONNECT_TIMEOUT,
@@ -339,11 +336,13 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
     let limits = Limits {
         max_sessions,
         max_sessions_per_service: l.max_sessions_per_service.unwrap_or(max_sessions),
-        max_sessions_per_source: l
-            .max_sessions_per_source
-            .unwrap_or(defaults::MAX_SESSIONS_PER_SOURCE),
-        source_rate: l.source_rate.unwrap_or(defaults::SOURCE_RATE),
-        source_burst: l.source_burst.unwrap_or(defaults::SOURCE_BURST),
+        max_sessions_per_source: l.max_sessions_per_source,
+        source_rate: l.source_rate,
+        source_burst: l.source_burst.unwrap_or_else(|| {
+            l.source_rate
+                .unwrap_or(1)
+                .saturating_mul(defaults::SOURCE_BURST_SECONDS)
+        }),
         memory_budget: match l.memory_budget_mib.unwrap_or(defaults::MEMORY_BUDGET_MIB) {
             0 => None,
             mib => Some(mib * 1024 * 1024),
