@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong while making, loading or writing certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A CRL could not be made.
+    #[error("CRL: {0}")]
+    Crl(String),
     /// A name given for an agent or the DMZ is not usable.
     #[error("invalid {what} name {name:?}: {reason}")]
     InvalidName {
@@ -79,7 +82,7 @@ impl Error {
             | Error::InvalidValidity(_)
             | Error::Exists { .. }
             | Error::BadCa { .. } => true,
-            Error::Generate(_) | Error::Io { .. } => false,
+            Error::Generate(_) | Error::Io { .. } | Error::Crl(_) => false,
         }
     }
 

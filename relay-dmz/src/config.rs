@@ -61,6 +61,7 @@ struct RawTunnel {
     ca: String,
     agents: Option<Vec<String>>,
     keepalive: Option<String>,
+    crl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,7 +243,14 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         "tunnel.ca",
         tls::load_roots(&cfg::resolve(base, &raw.tunnel.ca)),
     );
-    let verifier = roots.and_then(|roots| err.check("tunnel.ca", tls::client_verifier(roots)));
+    let crls = match &raw.tunnel.crl {
+        Some(path) => err.check("tunnel.crl", tls::load_crls(&cfg::resolve(base, path))),
+        None => Some(Vec::new()),
+    };
+    let verifier = match (roots, crls) {
+        (Some(roots), Some(crls)) => err.check("tunnel.ca", tls::client_verifier(roots, crls)),
+        _ => None,
+    };
     let tls = match (creds, &verifier) {
         (Some(creds), Some(verifier)) => err.check(
             "tunnel.key",

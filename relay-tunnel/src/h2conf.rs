@@ -16,6 +16,12 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 16 * 1024;
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// Bytes a stream may queue for sending beyond what the peer's window admits.
 pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Streams a peer may open and reset before we accept them; more is a reset flood
+/// (CVE-2023-44487, "rapid reset") and ends the connection with GOAWAY.
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 64;
+/// Streams we may reset because the peer misbehaved before the connection is cut with
+/// GOAWAY (a peer provoking errors on purpose).
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 /// Copy buffer for reading a TCP socket into a stream.
 pub const READ_BUFFER: usize = 64 * 1024;
 /// How long a CONNECT answer may take beyond the agent's target connect timeout.
@@ -29,6 +35,8 @@ pub fn client() -> h2::client::Builder {
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .enable_push(false);
     b
 }
@@ -41,6 +49,8 @@ pub fn server() -> h2::server::Builder {
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     b
 }

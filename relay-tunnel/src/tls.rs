@@ -10,7 +10,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 /// A TLS file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -104,11 +104,31 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Verifies agent certificates against `roots`.
-pub fn client_verifier(roots: RootCertStore) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+/// Verifies agent certificates against `roots`, and against `crls` when given (an expired
+/// CRL fails every handshake rather than being ignored).
+pub fn client_verifier(
+    roots: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if !crls.is_empty() {
+        builder = builder.with_crls(crls).enforce_revocation_expiration();
+    }
+    builder
         .build()
         .map_err(|e| TlsError::Rustls(format!("client verifier: {e}")))
+}
+
+/// Loads every CRL of a PEM file; fails if there is none.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, pem_reason(e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, pem_reason(e)))?;
+    if crls.is_empty() {
+        return Err(file_error(path, "no CRL found"));
+    }
+    Ok(crls)
 }
 
 /// Whether a certificate chain presented earlier still passes `verifier` now (after a reload
