@@ -37,6 +37,13 @@ enum Refused {
 impl Refused {
     fn label(&self) -> &'static str {
         match self {
+            // rustls refuses an ALPN it does not know during the handshake.
+            Refused::Handshake(e)
+                if e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+                    == Some(&rustls::Error::NoApplicationProtocol) =>
+            {
+                "bad_alpn"
+            }
             Refused::Handshake(_) | Refused::HandshakeTimeout(_) => "tls_handshake",
             Refused::Alpn(_) => "bad_alpn",
             Refused::NoIdentity | Refused::UnknownAgent(_) => "unknown_agent",

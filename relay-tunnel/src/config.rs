@@ -69,15 +69,31 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
             return Err(err);
         }
     };
-    toml::from_str(&text).map_err(|e| {
-        let key = e
-            .span()
+    let located = |e: &toml::de::Error| {
+        e.span()
             .map(|span| {
                 let line = text[..span.start].matches('\n').count() + 1;
                 format!("{} line {line}", path.display())
             })
-            .unwrap_or_else(|| path.display().to_string());
-        err.push(key, e.message());
+            .unwrap_or_else(|| path.display().to_string())
+    };
+    let de = match toml::Deserializer::parse(&text) {
+        Ok(de) => de,
+        Err(e) => {
+            err.push(located(&e), e.message());
+            return Err(err);
+        }
+    };
+    // The key path (`tunnel.bogus`, `inbound[1]`) says where a problem is; the line helps too.
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let at = located(&inner);
+        if key == "." || key.is_empty() {
+            err.push(at, inner.message());
+        } else {
+            err.push(format!("{key} ({at})"), inner.message());
+        }
         err
     })
 }
