@@ -27,8 +27,10 @@ pub use config::DmzConfig;
 use config::Limits;
 use registry::Registry;
 
-/// Unauthenticated agent connections handled at once; more wait in the kernel backlog.
-const MAX_PENDING_TUNNELS: usize = 256;
+/// Unauthenticated agent connections handled at once; more wait in the kernel backlog. Each
+/// holds a few KiB for at most `limits.handshake_timeout`, so hundreds of slow clients cannot
+/// keep a real agent out.
+const MAX_PENDING_TUNNELS: usize = 2048;
 /// Pause after a failed accept on the tunnel listener.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 

@@ -93,6 +93,14 @@ async fn admit_and_relay(
     session: String,
 ) -> (&'static str, SocketAddr) {
     let accepted_at = Instant::now();
+    // Taken first, so connections waiting for a PROXY header count against the limit too.
+    let Ok(_permit) = node.session_limit.clone().try_acquire_owned() else {
+        metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
+        if let Some(held_back) = node.log_limit.check("limit") {
+            tracing::info!(held_back, "session limit reached: closed");
+        }
+        return ("limit", peer);
+    };
     let (partner, prefix) = if policy.accept_proxy {
         match proxy_header(node, &partner_stream, peer).await {
             Ok(pair) => pair,
@@ -185,11 +193,6 @@ async fn relay_partner(
         tracing::debug!("partner source denied (policy.deny or the service's allow list): closed");
         return "source_denied";
     }
-    let Ok(_permit) = node.session_limit.clone().try_acquire_owned() else {
-        metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
-        tracing::debug!("session limit reached: closed");
-        return "limit";
-    };
     let _ticket = match node.admission.admit(service, partner.ip()) {
         Ok(ticket) => ticket,
         Err(reason) => {

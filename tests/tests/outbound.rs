@@ -17,7 +17,10 @@ async fn curl(args: Vec<String>) -> (i32, String) {
             .args(&args)
             .output()
             .expect("curl is installed (.ci/run installs it)");
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     })
     .await
     .unwrap()
@@ -39,7 +42,10 @@ async fn setup() -> Setup {
     let partner_target = targets::http("hello partner\n").await;
     let partner = partner_target.addr;
     let dmz_opts = DmzOptions {
-        connect_allow: vec![format!("127.0.0.1:{}", partner.port()), "localhost:*".into()],
+        connect_allow: vec![
+            format!("127.0.0.1:{}", partner.port()),
+            "localhost:*".into(),
+        ],
         ..Default::default()
     };
     let dmz = start_dmz(&pki, &dmz_opts).await;
@@ -75,10 +81,18 @@ async fn fixed_mapping_http_connect_and_socks5_reach_the_partner() {
         curl(vec![format!("http://{}/", s.fixed)]).await.1 == "hello partner\n"
     })
     .await;
-    assert!(fixed_ok.is_some(), "fixed outbound mapping never reached the partner");
+    assert!(
+        fixed_ok.is_some(),
+        "fixed outbound mapping never reached the partner"
+    );
 
     // curl sends a plain GET to an HTTP proxy unless told to tunnel: the proxy only tunnels.
-    let (_, body) = curl(vec!["--proxy".into(), format!("http://{}", s.proxy), format!("http://{}/", s.partner)]).await;
+    let (_, body) = curl(vec![
+        "--proxy".into(),
+        format!("http://{}", s.proxy),
+        format!("http://{}/", s.partner),
+    ])
+    .await;
     assert_eq!(body, "this proxy only supports CONNECT\n");
     let (code, body) = curl(vec![
         "--proxytunnel".into(),
@@ -87,12 +101,34 @@ async fn fixed_mapping_http_connect_and_socks5_reach_the_partner() {
         format!("http://{}/", s.partner),
     ])
     .await;
-    assert_eq!((code, body.as_str()), (0, "hello partner\n"), "HTTP CONNECT");
+    assert_eq!(
+        (code, body.as_str()),
+        (0, "hello partner\n"),
+        "HTTP CONNECT"
+    );
 
-    let (code, body) = curl(vec!["--proxy".into(), format!("socks5h://{}", s.proxy), format!("http://localhost:{}/", s.partner.port())]).await;
-    assert_eq!((code, body.as_str()), (0, "hello partner\n"), "SOCKS5 with a domain name");
-    let (code, body) = curl(vec!["--proxy".into(), format!("socks5://{}", s.proxy), format!("http://{}/", s.partner)]).await;
-    assert_eq!((code, body.as_str()), (0, "hello partner\n"), "SOCKS5 with an IPv4 address");
+    let (code, body) = curl(vec![
+        "--proxy".into(),
+        format!("socks5h://{}", s.proxy),
+        format!("http://localhost:{}/", s.partner.port()),
+    ])
+    .await;
+    assert_eq!(
+        (code, body.as_str()),
+        (0, "hello partner\n"),
+        "SOCKS5 with a domain name"
+    );
+    let (code, body) = curl(vec![
+        "--proxy".into(),
+        format!("socks5://{}", s.proxy),
+        format!("http://{}/", s.partner),
+    ])
+    .await;
+    assert_eq!(
+        (code, body.as_str()),
+        (0, "hello partner\n"),
+        "SOCKS5 with an IPv4 address"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,10 +137,14 @@ async fn destinations_outside_connect_allow_are_refused_and_counted() {
     let denied = format!("127.0.0.1:{}", free_port());
     // Wait for outbound carriers through a destination that is allowed.
     wait_for(Duration::from_secs(10), || async {
-        curl(vec!["--proxytunnel".into(), "--proxy".into(), format!("http://{}", s.proxy), format!("http://{}/", s.partner)])
-            .await
-            .0
-            == 0
+        curl(vec![
+            "--proxytunnel".into(),
+            "--proxy".into(),
+            format!("http://{}", s.proxy),
+            format!("http://{}/", s.partner),
+        ])
+        .await
+        .0 == 0
     })
     .await
     .expect("outbound carriers up");
@@ -115,9 +155,15 @@ async fn destinations_outside_connect_allow_are_refused_and_counted() {
         .await
         .unwrap();
     let mut answer = vec![0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(10), engine.read(&mut answer)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), engine.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
     let head = String::from_utf8_lossy(&answer[..n]);
-    assert!(head.starts_with("HTTP/1.1 403"), "expected 403, got {head:?}");
+    assert!(
+        head.starts_with("HTTP/1.1 403"),
+        "expected 403, got {head:?}"
+    );
 
     let mut engine = TcpStream::connect(s.proxy).await.unwrap();
     let port = denied.rsplit(':').next().unwrap().parse::<u16>().unwrap();
@@ -129,10 +175,24 @@ async fn destinations_outside_connect_allow_are_refused_and_counted() {
     req.extend_from_slice(&port.to_be_bytes());
     engine.write_all(&req).await.unwrap();
     let mut reply = [0u8; 10];
-    tokio::time::timeout(Duration::from_secs(10), engine.read_exact(&mut reply)).await.unwrap().unwrap();
-    assert_eq!(reply[1], 0x02, "SOCKS5 reply must be 0x02 (not allowed by ruleset)");
+    tokio::time::timeout(Duration::from_secs(10), engine.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        reply[1], 0x02,
+        "SOCKS5 reply must be 0x02 (not allowed by ruleset)"
+    );
 
     let (_, metrics) = http_get(s.dmz_admin, "/metrics").await.unwrap();
-    let denied_count = metric(&metrics, "relay_rejections_total", &["reason=\"policy_denied\""]).unwrap_or(0.0);
-    assert!(denied_count >= 2.0, "policy denials counted on the DMZ: {denied_count}");
+    let denied_count = metric(
+        &metrics,
+        "relay_rejections_total",
+        &["reason=\"policy_denied\""],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        denied_count >= 2.0,
+        "policy denials counted on the DMZ: {denied_count}"
+    );
 }
