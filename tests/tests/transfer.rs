@@ -1,0 +1,554 @@
+//! Inbound sessions carry bytes intact: sizes from 1 byte to 256 MiB, independent directions,
+//! many sessions at once, a real HTTP client, half-close and reset in both directions, a target
+//! that refuses, and sessions spread over two agents.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use relay_e2e::*;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bound on any single network wait in these tests.
+const WAIT: Duration = Duration::from_secs(10);
+/// Bytes generated and written per step when streaming patterns.
+const CHUNK: usize = 64 * 1024;
+
+/// splitmix64: a seeded byte pattern that both ends can regenerate without storing it.
+struct Prng(u64);
+
+impl Prng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Fills `buf`; the stream is the same for any split into chunks that are multiples of 8.
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// SHA-256 of the first `len` bytes of the pattern `seed`.
+fn pattern_digest(seed: u64, len: u64) -> [u8; 32] {
+    let mut prng = Prng(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        prng.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        left -= n as u64;
+    }
+    hash.finalize().into()
+}
+
+/// Writes `len` bytes of the pattern `seed`, then half-closes; returns their SHA-256.
+async fn send_pattern<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    seed: u64,
+    len: u64,
+) -> io::Result<[u8; 32]> {
+    let mut prng = Prng(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        prng.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    w.shutdown().await?;
+    Ok(hash.finalize().into())
+}
+
+/// Reads to EOF; returns the byte count and SHA-256.
+async fn read_digest<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u64, [u8; 32])> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((total, hash.finalize().into()));
+        }
+        hash.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// A DMZ and an agent in-process publishing one service `name` that relays to `target`.
+struct Relay {
+    public: SocketAddr,
+    dmz_opts: DmzOptions,
+    _agent: InProcess,
+    _dmz: InProcess,
+    _pki: Pki,
+}
+
+async fn relay_to(name: &str, target: SocketAddr) -> Relay {
+    let pki = Pki::new();
+    let dmz_opts = DmzOptions::default();
+    let dmz = start_dmz(&pki, &dmz_opts).await;
+    let port = free_port();
+    let agent = start_agent(
+        &pki,
+        &AgentOptions::new(dmz_opts.tunnel, vec![Service::new(name, port, target)]),
+    )
+    .await;
+    let public = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listener_open(dmz_opts.admin, name).await;
+    Relay {
+        public,
+        dmz_opts,
+        _agent: agent,
+        _dmz: dmz,
+        _pki: pki,
+    }
+}
+
+/// Waits until the DMZ at `admin` reports the public listener of `service` open. Unlike
+/// `wait_open`, this opens no probe session, so a test's target sees only the test's sessions.
+async fn wait_listener_open(admin: SocketAddr, service: &str) {
+    let label = format!("service=\"{service}\"");
+    let open = wait_for(WAIT, || async {
+        match http_get(admin, "/metrics").await {
+            Ok((200, text)) => metric(&text, "relay_listener_open", &[&label]) == Some(1.0),
+            _ => false,
+        }
+    })
+    .await;
+    assert!(
+        open.is_some(),
+        "listener of {service} not open within {WAIT:?}"
+    );
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect")
+}
+
+async fn accept(listener: &TcpListener) -> TcpStream {
+    tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the target saw no connection")
+        .expect("accept")
+        .0
+}
+
+async fn read_exact_timed(s: &mut TcpStream, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .expect("read timed out")
+        .expect("read");
+    buf
+}
+
+async fn read_to_end_timed(s: &mut TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("read to EOF timed out")
+        .expect("read to EOF");
+    buf
+}
+
+/// Sends `len` pattern bytes through an echo session while reading the echo; checks count
+/// and SHA-256 of both directions; returns the time taken, or what went wrong.
+async fn echo_session(public: SocketAddr, seed: u64, len: u64) -> Result<Duration, String> {
+    let start = Instant::now();
+    let stream = tokio::time::timeout(WAIT, TcpStream::connect(public))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move { send_pattern(&mut w, seed, len).await });
+    let read = read_digest(&mut r).await;
+    let sent = writer.await.map_err(|e| format!("writer task: {e}"))?;
+    let (got, digest) = read.map_err(|e| format!("read echo: {e}"))?;
+    let sent = sent.map_err(|e| format!("write: {e}"))?;
+    if got != len {
+        return Err(format!("echoed {got} bytes of {len}"));
+    }
+    if digest != sent {
+        return Err("SHA-256 of the echo differs from what was sent".into());
+    }
+    Ok(start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_keeps_bytes_intact_from_one_byte_to_256_mib() {
+    let echo = targets::echo().await;
+    let relay = relay_to("echo", echo.addr).await;
+    for (len, limit) in [
+        (1u64, WAIT),
+        (1 << 20, Duration::from_secs(30)),
+        (256 << 20, Duration::from_secs(120)),
+    ] {
+        let took = tokio::time::timeout(limit, echo_session(relay.public, len ^ 0x5eed, len))
+            .await
+            .unwrap_or_else(|_| panic!("echo of {len} bytes did not finish within {limit:?}"))
+            .unwrap_or_else(|e| panic!("echo of {len} bytes: {e}"));
+        let mib = len as f64 / (1 << 20) as f64;
+        println!(
+            "echo {len} bytes: {took:?} ({:.1} MiB/s each way)",
+            mib / took.as_secs_f64()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_direction_carries_its_own_stream() {
+    const UP: u64 = 3 * 1024 * 1024 + 5;
+    const DOWN: u64 = 5 * 1024 * 1024 + 3;
+    const UP_SEED: u64 = 11;
+    const DOWN_SEED: u64 = 22;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = listener.local_addr().unwrap();
+    // The target hashes what it receives while it sends its own pattern.
+    let target = tokio::spawn(async move {
+        let s = accept(&listener).await;
+        let (mut r, mut w) = s.into_split();
+        let sender = tokio::spawn(async move { send_pattern(&mut w, DOWN_SEED, DOWN).await });
+        let received = read_digest(&mut r).await.expect("target read");
+        sender.await.expect("target sender").expect("target write");
+        received
+    });
+    let relay = relay_to("split", target_addr).await;
+
+    let run = async {
+        let (mut r, mut w) = connect(relay.public).await.into_split();
+        let writer = tokio::spawn(async move { send_pattern(&mut w, UP_SEED, UP).await });
+        let down = read_digest(&mut r).await.expect("partner read");
+        writer
+            .await
+            .expect("partner writer")
+            .expect("partner write");
+        let up = target.await.expect("target task");
+        (up, down)
+    };
+    let (up, down) = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("session did not finish in 60 s");
+    assert_eq!(
+        up,
+        (UP, pattern_digest(UP_SEED, UP)),
+        "partner -> target bytes"
+    );
+    assert_eq!(
+        down,
+        (DOWN, pattern_digest(DOWN_SEED, DOWN)),
+        "target -> partner bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_sessions_all_succeed() {
+    const SESSIONS: u64 = 200;
+    let echo = targets::echo().await;
+    let relay = relay_to("many", echo.addr).await;
+    let start = Instant::now();
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            let public = relay.public;
+            tokio::spawn(async move {
+                // A few KiB, a different size and pattern per session.
+                echo_session(public, 1000 + i, 2048 + i * 37).await
+            })
+        })
+        .collect();
+    let all = async {
+        let mut failed = Vec::new();
+        for (i, s) in sessions.into_iter().enumerate() {
+            match s.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => failed.push(format!("session {i}: {e}")),
+                Err(e) => failed.push(format!("session {i}: task {e}")),
+            }
+        }
+        failed
+    };
+    let failed = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("200 sessions did not finish within 60 s");
+    assert!(
+        failed.is_empty(),
+        "{} of {SESSIONS} sessions failed; first: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    println!("{SESSIONS} concurrent echo sessions: {:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_get_through_the_relay_with_curl() {
+    let web = targets::http("hello").await;
+    let relay = relay_to("web", web.addr).await;
+    let url = format!("http://{}/", relay.public);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", &url])
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("curl must be installed to run this test (.ci/run installs it)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "curl failed: {} {stdout} {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout, "hello\n200", "curl: body, then status code");
+
+    // Keep-alive: two requests on one connection through the relay.
+    let mut s = connect(relay.public).await;
+    let req =
+        "GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    let text = String::from_utf8(read_to_end_timed(&mut s).await).unwrap();
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{text}");
+    assert!(text.ends_with("\r\n\r\nhello"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partner_half_close_reaches_the_target_which_can_still_answer() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = relay_to("half-up", listener.local_addr().unwrap()).await;
+    let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let reply = b"reply sent after the target saw EOF";
+
+    let mut partner = connect(relay.public).await;
+    let mut target = accept(&listener).await;
+    partner.write_all(&request).await.unwrap();
+    partner.shutdown().await.unwrap();
+
+    // The target gets every byte and then EOF, while its own write side is still open.
+    let got = read_to_end_timed(&mut target).await;
+    assert!(
+        got == request,
+        "target got {} bytes, expected {}",
+        got.len(),
+        request.len()
+    );
+    // Only now does it answer; the partner, half-closed, still receives the answer.
+    target.write_all(reply).await.unwrap();
+    assert_eq!(read_exact_timed(&mut partner, reply.len()).await, reply);
+    target.shutdown().await.unwrap();
+    assert!(
+        read_to_end_timed(&mut partner).await.is_empty(),
+        "nothing after the reply"
+    );
+    drop(target);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_half_close_reaches_the_partner_which_can_still_send() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = relay_to("half-down", listener.local_addr().unwrap()).await;
+    let banner: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+    let upload = b"partner data sent after it saw the target's EOF";
+
+    let mut partner = connect(relay.public).await;
+    let mut target = accept(&listener).await;
+    target.write_all(&banner).await.unwrap();
+    target.shutdown().await.unwrap();
+
+    let got = read_to_end_timed(&mut partner).await;
+    assert!(
+        got == banner,
+        "partner got {} bytes, expected {}",
+        got.len(),
+        banner.len()
+    );
+    partner.write_all(upload).await.unwrap();
+    assert_eq!(read_exact_timed(&mut target, upload.len()).await, upload);
+    partner.shutdown().await.unwrap();
+    assert!(
+        read_to_end_timed(&mut target).await.is_empty(),
+        "nothing after the upload"
+    );
+}
+
+/// Closes `s` with a TCP RST instead of a FIN.
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
+    drop(s);
+}
+
+/// Reads until EOF or an error, within [`WAIT`].
+async fn read_outcome(s: &mut TcpStream) -> io::Result<usize> {
+    let mut buf = vec![0u8; 4096];
+    let mut total = 0;
+    loop {
+        match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+            Err(_) => panic!("neither EOF nor error within {WAIT:?}"),
+            Ok(Ok(0)) => return Ok(total),
+            Ok(Ok(n)) => total += n,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partner_reset_resets_the_target() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = relay_to("rst-up", listener.local_addr().unwrap()).await;
+    let mut partner = connect(relay.public).await;
+    let mut target = accept(&listener).await;
+    // The session is up end to end before the reset.
+    partner.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exact_timed(&mut target, 4).await, b"ping");
+    target.write_all(b"pong").await.unwrap();
+    assert_eq!(read_exact_timed(&mut partner, 4).await, b"pong");
+
+    reset(partner);
+    let err = read_outcome(&mut target)
+        .await
+        .expect_err("the target must see a reset, not a clean EOF");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_reset_resets_the_partner() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = relay_to("rst-down", listener.local_addr().unwrap()).await;
+    let mut partner = connect(relay.public).await;
+    let mut target = accept(&listener).await;
+    partner.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exact_timed(&mut target, 4).await, b"ping");
+    target.write_all(b"pong").await.unwrap();
+    assert_eq!(read_exact_timed(&mut partner, 4).await, b"pong");
+
+    reset(target);
+    let err = read_outcome(&mut partner)
+        .await
+        .expect_err("the partner must see a reset, not a clean EOF");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_target_closes_the_partner_and_is_counted() {
+    const SERVICE: &str = "refused-target";
+    let nothing = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let relay = relay_to(SERVICE, nothing).await;
+    let mut partner = connect(relay.public).await;
+    let started = Instant::now();
+    match read_outcome(&mut partner).await {
+        Ok(n) => assert_eq!(n, 0, "no data may come from a refused target"),
+        Err(e) => println!("partner connection ended with an error: {e}"),
+    }
+    println!("partner closed {:?} after connect", started.elapsed());
+
+    let label = format!("service=\"{SERVICE}\"");
+    let labels = [
+        label.as_str(),
+        "direction=\"inbound\"",
+        "result=\"target_refused\"",
+    ];
+    // The DMZ and the agent run in this process and share one metrics recorder, and both
+    // count this session under the same labels: 1 from the agent (target connect failed)
+    // + 1 from the DMZ (no agent could serve it).
+    let counted = wait_for(WAIT, || async {
+        let (status, text) = http_get(relay.dmz_opts.admin, "/metrics").await.unwrap();
+        status == 200 && metric(&text, "relay_sessions_total", &labels) == Some(2.0)
+    })
+    .await;
+    let (_, text) = http_get(relay.dmz_opts.admin, "/metrics").await.unwrap();
+    assert!(
+        counted.is_some(),
+        "relay_sessions_total{{{}}} = {:?}, expected 2 (agent + DMZ)",
+        labels.join(","),
+        metric(&text, "relay_sessions_total", &labels)
+    );
+}
+
+/// A target that answers every connection with `tag`, then echoes.
+async fn tagged_echo(tag: u8) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if w.write_all(&[tag]).await.is_ok() {
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_two_agents() {
+    const SESSIONS: usize = 40;
+    let pki = Pki::new();
+    let dmz_opts = DmzOptions::default();
+    let _dmz = start_dmz(&pki, &dmz_opts).await;
+    let port = free_port();
+    let public = SocketAddr::from(([127, 0, 0, 1], port));
+    let (addr_1, target_1) = tagged_echo(b'1').await;
+    let (addr_2, target_2) = tagged_echo(b'2').await;
+    let opts_1 = AgentOptions::new(dmz_opts.tunnel, vec![Service::new("spread", port, addr_1)]);
+    let mut opts_2 = AgentOptions::new(dmz_opts.tunnel, vec![Service::new("spread", port, addr_2)]);
+    opts_2.identity = "engine-2".into();
+    let _agent_1 = start_agent(&pki, &opts_1).await;
+    wait_listener_open(dmz_opts.admin, "spread").await;
+    let _agent_2 = start_agent(&pki, &opts_2).await;
+    // Only this test uses the identity engine-2, so the shared gauge tells when it is in.
+    let registered = wait_for(WAIT, || async {
+        let (_, text) = http_get(dmz_opts.admin, "/metrics").await.unwrap();
+        metric(&text, "relay_tunnels_connected", &["agent=\"engine-2\""]).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert!(
+        registered.is_some(),
+        "engine-2 did not register within {WAIT:?}"
+    );
+
+    let mut counts = [0usize; 2];
+    for i in 0..SESSIONS {
+        let mut s = connect(public).await;
+        let msg = format!("session {i}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let got = read_to_end_timed(&mut s).await;
+        assert!(!got.is_empty(), "session {i}: no answer");
+        assert_eq!(&got[1..], msg.as_bytes(), "echo after the tag");
+        match got[0] {
+            b'1' => counts[0] += 1,
+            b'2' => counts[1] += 1,
+            other => panic!("unknown tag {other}"),
+        }
+    }
+    println!(
+        "{SESSIONS} sessions: engine-1 served {}, engine-2 served {}",
+        counts[0], counts[1]
+    );
+    assert!(
+        counts[0] > 0 && counts[1] > 0,
+        "both agents must serve sessions: {counts:?}"
+    );
+    target_1.abort();
+    target_2.abort();
+}
