@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod h2conf;

@@ -45,3 +45,42 @@ async fn echo_through_the_relay_and_listener_follows_the_agent() {
     agent.stop().await.unwrap();
     wait_closed(public, Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_subcommand_follows_readiness() {
+    let health = |admin: SocketAddr| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin("relay-dmz"))
+                .args(["health", "--admin", &admin.to_string()])
+                .output()
+                .expect("run relay-dmz health")
+        })
+        .await
+        .unwrap()
+    };
+    let pki = Pki::new();
+    let echo = targets::echo().await;
+    let dmz_opts = DmzOptions::default();
+    let _dmz = start_dmz(&pki, &dmz_opts).await;
+    let out = health(dmz_opts.admin).await;
+    assert_eq!(out.status.code(), Some(1), "no agent: not ready");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent connected"));
+    let port = free_port();
+    let _agent = start_agent(
+        &pki,
+        &AgentOptions::new(dmz_opts.tunnel, vec![Service::new("echo", port, echo.addr)]),
+    )
+    .await;
+    wait_open(([127, 0, 0, 1], port).into(), Duration::from_secs(10)).await;
+    assert_eq!(
+        health(dmz_opts.admin).await.status.code(),
+        Some(0),
+        "agent registered: ready"
+    );
+    let unused: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    assert_eq!(
+        health(unused).await.status.code(),
+        Some(1),
+        "nothing listening: unhealthy"
+    );
+}
