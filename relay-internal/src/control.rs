@@ -14,9 +14,10 @@ use tokio::sync::watch;
 use crate::dialer::report_verdicts;
 use crate::{Agent, Settings};
 
-/// Serves the control stream the DMZ opened on tunnel connection `index`.
+/// Serves the control stream DMZ node `dmz` opened on tunnel connection `index`.
 pub async fn serve(
     agent: Arc<Agent>,
+    dmz: String,
     index: usize,
     mut changes: watch::Receiver<Arc<Settings>>,
     request: Request<RecvStream>,
@@ -53,6 +54,7 @@ pub async fn serve(
                         service = %r.service,
                         direction = relay_tunnel::metrics::INBOUND,
                         partner = %r.partner,
+                        dmz = %dmz,
                         at_ms = r.at_ms,
                         duration_ms = 0u64,
                         bytes_partner_to_target = 0u64,

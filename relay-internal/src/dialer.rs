@@ -21,6 +21,8 @@ use crate::{control, inbound};
 
 /// First reconnect delays are drawn from `[0, BACKOFF_BASE]`, so the first retry comes within 1 s.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Time a stopping agent gives each tunnel to close cleanly.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Reconnect delays never exceed this.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
@@ -182,7 +184,7 @@ async fn serve_inbound(
                 Some(Ok((request, mut respond))) if request.uri().path() == CONTROL_PATH => {
                     match changes.take() {
                         Some(changes) => {
-                            let task = control::serve(agent.clone(), index, changes, request, respond);
+                            let task = control::serve(agent.clone(), node.addr.clone(), index, changes, request, respond);
                             _control_task = Some(AbortOnDrop(tokio::spawn(task.in_current_span())));
                         }
                         None => {
@@ -206,7 +208,12 @@ async fn serve_inbound(
                 connection.graceful_shutdown();
                 draining = true;
             }
-            _ = agent.stop_tunnels.cancelled() => return Ok("agent stopped".into()),
+            _ = agent.stop_tunnels.cancelled() => {
+                // GOAWAY, then let h2 close the TLS stream (close_notify) for a clean end.
+                connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+                let _ = tokio::time::timeout(CLOSE_GRACE, async { while connection.accept().await.is_some() {} }).await;
+                return Ok("agent stopped".into());
+            }
         }
     }
 }
@@ -251,6 +258,10 @@ async fn serve_outbound(
         _ = agent.stop_tunnels.cancelled() => "agent stopped".to_owned(),
     };
     agent.pool.remove(node_idx, id);
+    if agent.stop_tunnels.is_cancelled() {
+        // With its last handle gone, the client connection sends GOAWAY and closes cleanly.
+        let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+    }
     Ok(ended)
 }
 
