@@ -1,0 +1,392 @@
+//! Operations: exact metrics on both sides, JSON logs and the agent's audit trail, graceful
+//! drain of a DMZ node behind HAProxy, hot reload on both sides, and the Grafana dashboard.
+//!
+//! Metrics and logs of one component are isolated by running it as a real process: in-process
+//! components share one global metrics recorder and one tracing subscriber. The tests of this
+//! file run one at a time (two cores; some measure time bounds; in-process tests compare metric
+//! deltas of the shared recorder).
+
+#[path = "operations/dashboard.rs"]
+mod dashboard;
+#[path = "operations/drain.rs"]
+mod drain;
+#[path = "operations/haproxy.rs"]
+mod haproxy;
+#[path = "operations/logs.rs"]
+mod logs;
+#[path = "operations/metrics.rs"]
+mod metrics;
+#[path = "operations/reload_agent.rs"]
+mod reload_agent;
+#[path = "operations/reload_dmz.rs"]
+mod reload_dmz;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use relay_e2e::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The tests of this file run one at a time.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Bound on setup waits (processes starting, tunnels registering) on a loaded machine.
+pub const SETUP_LIMIT: Duration = Duration::from_secs(20);
+/// Bound on one short client exchange.
+pub const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
+/// The loopback address partners connect from, so a test can look for it in metrics and logs.
+pub const PARTNER_IP: [u8; 4] = [127, 0, 0, 9];
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A child whose stdout and stderr go to files in the test directory.
+pub struct Logged {
+    pub guard: ChildGuard,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Logged {
+    /// Starts `binary --config CONFIG ARGS...` with `RUST_LOG=info`, logging to
+    /// `NAME.stdout` and `NAME.stderr` in the PKI directory.
+    pub fn spawn(pki: &Pki, binary: &str, config: &Path, args: &[&str], name: &str) -> Self {
+        let stdout = pki.path(&format!("{name}.stdout"));
+        let stderr = pki.path(&format!("{name}.stderr"));
+        let child = Command::new(bin(binary))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn binary");
+        Self {
+            guard: ChildGuard { child },
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Everything the process wrote to stdout so far.
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// The last `n` lines of stderr, for assertion messages.
+    pub fn tail(&self, n: usize) -> String {
+        let text = self.stderr_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(n);
+        format!(
+            "--- {} (last {n} lines)\n{}",
+            self.stderr.display(),
+            lines[from..].join("\n")
+        )
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.guard.pid() as i32);
+        nix::sys::signal::kill(pid, signal).expect("send signal");
+    }
+
+    /// Waits up to `limit` for the process to exit; its status and the time waited.
+    pub async fn wait_exit(
+        &mut self,
+        limit: Duration,
+    ) -> Option<(std::process::ExitStatus, Duration)> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.guard.child.try_wait().expect("try_wait") {
+                return Some((status, start.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+}
+
+/// Writes the config of a DMZ node and starts it as a process.
+pub fn spawn_dmz_logged(pki: &Pki, opts: &DmzOptions, args: &[&str], name: &str) -> Logged {
+    let path = pki.write(&format!("{name}.toml"), &opts.toml(pki));
+    Logged::spawn(pki, "relay-dmz", &path, args, name)
+}
+
+/// Writes the config of an agent and starts it as a process; returns it and its config path.
+pub fn spawn_agent_logged(
+    pki: &Pki,
+    opts: &AgentOptions,
+    args: &[&str],
+    name: &str,
+) -> (Logged, PathBuf) {
+    let path = pki.write(&format!("{name}.toml"), &opts.toml(pki));
+    (
+        Logged::spawn(pki, "relay-internal", &path, args, name),
+        path,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin endpoints
+
+/// `/metrics` of an admin endpoint, parsed with a Prometheus text-format parser.
+pub async fn scrape(admin: SocketAddr) -> (String, prometheus_parse::Scrape) {
+    let (status, body) = http_get(admin, "/metrics").await.expect("GET /metrics");
+    assert_eq!(status, 200, "GET /metrics on {admin}: {body}");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("parse /metrics");
+    (body, parsed)
+}
+
+/// The value of a counter, gauge or untyped sample `name` whose labels include all of `labels`;
+/// the sum over every matching series. `None` if no series matches.
+pub fn value(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    use prometheus_parse::Value;
+    let matching: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .filter_map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().sum())
+}
+
+/// The same as [`value`] on a fresh scrape: 0 when the series is absent, NaN (equal to
+/// nothing) when the endpoint does not answer.
+pub async fn current(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let Ok((200, body)) = http_get(admin, "/metrics").await else {
+        return f64::NAN;
+    };
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let s = prometheus_parse::Scrape::parse(lines).expect("parse /metrics");
+    value(&s, name, labels).unwrap_or(0.0)
+}
+
+/// The `/readyz` status code of an admin endpoint (0 when it does not answer).
+pub async fn readyz(admin: SocketAddr) -> u16 {
+    http_get(admin, "/readyz")
+        .await
+        .map(|(s, _)| s)
+        .unwrap_or(0)
+}
+
+/// `POST /reload` on an admin endpoint: status code and body.
+pub async fn post_reload(admin: SocketAddr) -> (u16, String) {
+    let exchange = async {
+        let mut s = TcpStream::connect(admin).await?;
+        s.write_all(
+            b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(EXCHANGE_LIMIT, exchange)
+        .await
+        .expect("POST /reload answered in time")
+        .expect("POST /reload");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until `value` of a metric on `admin` equals `want`; panics with `what` after `limit`.
+pub async fn wait_metric(
+    admin: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    want: f64,
+    limit: Duration,
+    what: &str,
+) -> Duration {
+    let t = wait_for(limit, || async {
+        current(admin, name, labels).await == want
+    })
+    .await;
+    match t {
+        Some(t) => t,
+        None => panic!(
+            "{what}: {name}{labels:?} is {} on {admin}, expected {want} within {limit:?}",
+            current(admin, name, labels).await
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Partners and targets
+
+/// Connects to `addr` from `source` (port 0).
+pub async fn connect_from(source: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    tokio::time::timeout(EXCHANGE_LIMIT, socket.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))?
+}
+
+/// Deterministic bytes for a transfer: `len` bytes from `seed` (xorshift).
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` on `stream`, half-closes, reads until EOF; returns what came back.
+pub async fn echo_exchange(mut stream: TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let (mut r, mut w) = stream.split();
+    let write = async {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let mut back = Vec::with_capacity(data.len());
+    let read = r.read_to_end(&mut back);
+    let (wr, rd) =
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(write, read) })
+            .await
+            .map_err(|_| std::io::Error::other("echo exchange timed out"))?;
+    wr?;
+    rd?;
+    Ok(back)
+}
+
+/// One echo session from `source` through `public` with `data`; returns the partner address
+/// it used. Panics if the bytes do not come back unchanged.
+pub async fn echo_session(source: [u8; 4], public: SocketAddr, data: &[u8]) -> SocketAddr {
+    let stream = connect_from(source, public)
+        .await
+        .expect("connect to the public port");
+    let local = stream.local_addr().expect("local addr");
+    let back = echo_exchange(stream, data).await.expect("echo session");
+    assert_eq!(back.len(), data.len(), "echoed length through {public}");
+    assert!(back == data, "echoed bytes differ through {public}");
+    local
+}
+
+/// An echo target that first writes one `tag` byte, then echoes; on EOF it finishes and closes.
+pub struct TaggedEcho {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TaggedEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TaggedEcho {
+    pub async fn start(tag: u8) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tagged echo");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if s.write_all(&[tag]).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+/// A session kept open: a partner connected through the relay to a tagged echo target.
+pub struct OpenSession {
+    pub stream: TcpStream,
+    /// The tag byte of the target that answered.
+    pub tag: u8,
+}
+
+impl OpenSession {
+    /// Connects to `public` and reads the target's tag byte.
+    pub async fn open(public: SocketAddr) -> std::io::Result<Self> {
+        let mut stream = tokio::time::timeout(EXCHANGE_LIMIT, TcpStream::connect(public))
+            .await
+            .map_err(|_| std::io::Error::other("connect timed out"))??;
+        let mut tag = [0u8; 1];
+        tokio::time::timeout(EXCHANGE_LIMIT, stream.read_exact(&mut tag))
+            .await
+            .map_err(|_| std::io::Error::other("no tag byte in time"))??;
+        Ok(Self {
+            stream,
+            tag: tag[0],
+        })
+    }
+
+    /// Sends `data` and reads the same number of bytes back; they must be equal.
+    pub async fn round_trip(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let exchange = async {
+            self.stream.write_all(data).await?;
+            let mut back = vec![0u8; data.len()];
+            self.stream.read_exact(&mut back).await?;
+            Ok::<_, std::io::Error>(back)
+        };
+        let back = tokio::time::timeout(EXCHANGE_LIMIT, exchange)
+            .await
+            .map_err(|_| std::io::Error::other("round trip timed out"))??;
+        if back != data {
+            return Err(std::io::Error::other("echoed bytes differ"));
+        }
+        Ok(())
+    }
+
+    /// Half-closes and expects a clean EOF with nothing more.
+    pub async fn finish(mut self) -> std::io::Result<()> {
+        self.stream.shutdown().await?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(EXCHANGE_LIMIT, self.stream.read_to_end(&mut rest))
+            .await
+            .map_err(|_| std::io::Error::other("no EOF in time"))??;
+        if !rest.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{} unexpected bytes",
+                rest.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A public address on `ip`:`port`.
+pub fn addr(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((IpAddr::from(ip), port))
+}
