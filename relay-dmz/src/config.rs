@@ -232,12 +232,11 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             .parse::<SocketAddr>()
             .map_err(|_| format!("invalid socket address {:?}", raw.tunnel.listen)),
     );
-    let creds = err.check(
-        "tunnel.cert",
-        tls::Credentials::load(
-            &cfg::resolve(base, &raw.tunnel.cert),
-            &cfg::resolve(base, &raw.tunnel.key),
-        ),
+    let creds = cfg::credentials(
+        &mut err,
+        "tunnel",
+        &cfg::resolve(base, &raw.tunnel.cert),
+        &cfg::resolve(base, &raw.tunnel.key),
     );
     let roots = err.check(
         "tunnel.ca",

@@ -86,7 +86,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
             _ = cut.cancelled() => "agent no longer admitted (reload)".to_owned(),
         };
         connected.decrement(1.0);
-        span.in_scope(|| tracing::debug!(reason = %ended, "outbound tunnel down"));
+        // Info, like "agent tunnel down": an agent cut off for HTTP/2 abuse must show in the log.
+        span.in_scope(|| tracing::info!(reason = %ended, "outbound tunnel down"));
         return;
     }
     let span = tracing::info_span!("tunnel", agent = %agent, %peer);

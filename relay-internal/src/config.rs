@@ -289,12 +289,11 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         );
     }
     let keepalive = duration(&mut err, "keepalive", &raw.keepalive, defaults::KEEPALIVE);
-    let creds = err.check(
-        "tls.cert",
-        tls::Credentials::load(
-            &cfg::resolve(base, &raw.tls.cert),
-            &cfg::resolve(base, &raw.tls.key),
-        ),
+    let creds = cfg::credentials(
+        &mut err,
+        "tls",
+        &cfg::resolve(base, &raw.tls.cert),
+        &cfg::resolve(base, &raw.tls.key),
     );
     let roots = err.check("tls.ca", tls::load_roots(&cfg::resolve(base, &raw.tls.ca)));
     let (tls, tls_outbound) = match (creds, roots) {

@@ -36,8 +36,11 @@ pub async fn serve(
     };
     let span = tracing::info_span!("session", id = %meta.session, service = %service.name, direction = m::INBOUND, partner = %meta.partner, %dmz);
     async move {
-        let result = run(&agent, &service, port_offset, &meta, request, respond).await;
+        let result = run(&agent, &service, port_offset, &meta, request, respond, started).await;
         let duration = started.elapsed();
+        if result.is_ok() {
+            metrics::histogram!(m::SESSION_DURATION).record(duration.as_secs_f64());
+        }
         let (outcome, moved) = match &result {
             Ok((moved, ran)) => (pump::outcome(ran), *moved),
             Err(refusal) => (refusal.label(), Default::default()),
@@ -118,6 +121,7 @@ async fn run(
     meta: &SessionMeta,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    started: Instant,
 ) -> Result<Ran, Refusal> {
     let Ok(_permit) = agent.session_limit.clone().try_acquire_owned() else {
         refuse(
@@ -185,6 +189,9 @@ async fn run(
             return Err(Refusal::Unavailable);
         }
     };
+    // On the agent, setup is the stream's arrival to the target connected and answered.
+    let setup = started.elapsed();
+    metrics::histogram!(m::SESSION_SETUP, "direction" => m::INBOUND).record(setup.as_secs_f64());
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.name.clone(), "direction" => m::INBOUND);
     active.increment(1.0);
     let counters = PumpCounters {

@@ -148,6 +148,7 @@ pub async fn relay(
     .await;
     active.decrement(1.0);
     drop(opened.lease);
+    metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());
     let outcome = pump::outcome(&result);
     audit(
         service,

@@ -111,6 +111,27 @@ pub fn resolve(base: &Path, path: &str) -> PathBuf {
     base.join(path)
 }
 
+/// Loads a certificate chain and key, recording a problem at `TABLE.cert` or `TABLE.key`
+/// (whichever file is at fault).
+pub fn credentials(
+    err: &mut ConfigError,
+    table: &str,
+    cert: &Path,
+    key: &Path,
+) -> Option<crate::tls::Credentials> {
+    match crate::tls::Credentials::load(cert, key) {
+        Ok(creds) => Some(creds),
+        Err(e) => {
+            let field = match &e {
+                crate::tls::TlsError::File { path, .. } if path == key => "key",
+                _ => "cert",
+            };
+            err.push(format_args!("{table}.{field}"), e);
+            None
+        }
+    }
+}
+
 /// Parses a duration such as `"10s"` or `"500ms"`; zero is refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))?;

@@ -40,6 +40,8 @@ fn file_error(path: &Path, reason: impl fmt::Display) -> TlsError {
 pub struct Credentials {
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    /// Where they came from, for error messages.
+    origin: String,
 }
 
 impl fmt::Debug for Credentials {
@@ -55,10 +57,17 @@ impl Credentials {
     /// Loads a PEM certificate chain and a PEM private key.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let chain = load_certs(cert)?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, pem_reason(e)))?;
+        let key_path = key;
+        let key = PrivateKeyDer::from_pem_file(key_path)
+            .map_err(|e| file_error(key_path, pem_reason(e)))?;
+        provider()
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| file_error(key_path, format!("unusable private key: {e}")))?;
         Ok(Self {
             chain,
             key: Arc::new(key),
+            origin: format!("{} and {}", cert.display(), key_path.display()),
         })
     }
 
@@ -155,7 +164,7 @@ pub fn server_config(
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())
-        .map_err(|e| TlsError::Rustls(format!("certificate and key: {e}")))?;
+        .map_err(|e| TlsError::Rustls(format!("certificate and key ({}): {e}", creds.origin)))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -174,7 +183,7 @@ pub fn client_config(
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_root_certificates(roots)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
-        .map_err(|e| TlsError::Rustls(format!("certificate and key: {e}")))?;
+        .map_err(|e| TlsError::Rustls(format!("certificate and key ({}): {e}", creds.origin)))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))

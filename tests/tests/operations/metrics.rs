@@ -247,6 +247,21 @@ async fn metrics_are_exact_on_dmz_and_agent() {
         "DMZ: duration histogram count"
     );
 
+    // The agent times its own part: stream arrival to target connected, and the session.
+    for (name, labels) in [
+        (
+            format!("{}_count", m::SESSION_SETUP),
+            &[("direction", "inbound")][..],
+        ),
+        (format!("{}_count", m::SESSION_DURATION), &[][..]),
+    ] {
+        assert_eq!(
+            value(&agent_scrape, &name, labels),
+            Some(SESSIONS as f64),
+            "agent: {name}"
+        );
+    }
+
     check_common("DMZ", &dmz_text, &dmz_scrape, &[]);
     check_common(
         "agent",
