@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_tunnel::admin;
+use relay_tunnel::net::bind_reuse;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -46,9 +47,9 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the addresses of `config`.
     pub async fn bind(config: &DmzConfig) -> io::Result<Self> {
-        let tunnel = TcpListener::bind(config.tunnel_listen).await?;
+        let tunnel = bind_reuse(config.tunnel_listen)?;
         let admin = match config.admin_listen {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
+            Some(addr) => Some(bind_reuse(addr)?),
             None => None,
         };
         Ok(Self { tunnel, admin })

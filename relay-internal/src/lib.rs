@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use relay_tunnel::admin;
 use relay_tunnel::metrics as m;
+use relay_tunnel::net::bind_reuse;
 use relay_tunnel::protocol::Registration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -185,7 +186,7 @@ pub async fn run(
     // Bind the engine-facing listeners first: a taken port is a startup error, not a log line.
     let mut fixed = Vec::new();
     for spec in &config.outbound {
-        let listener = TcpListener::bind(spec.listen).await.map_err(|e| {
+        let listener = bind_reuse(spec.listen).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("outbound {:?}: cannot bind {}: {e}", spec.name, spec.listen),
@@ -194,7 +195,7 @@ pub async fn run(
         fixed.push((spec.clone(), listener));
     }
     let proxy_listener = match config.outbound_proxy {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+        Some(addr) => Some(bind_reuse(addr).map_err(|e| {
             io::Error::new(e.kind(), format!("outbound_proxy: cannot bind {addr}: {e}"))
         })?),
         None => None,

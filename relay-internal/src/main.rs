@@ -13,8 +13,7 @@ fn main() -> ExitCode {
         |config, shutdown| async move {
             let admin = match config.admin_listen {
                 Some(addr) => Some(
-                    tokio::net::TcpListener::bind(addr)
-                        .await
+                    relay_tunnel::net::bind_reuse(addr)
                         .map_err(|e| format!("binding the admin listener {addr}: {e}"))?,
                 ),
                 None => None,
