@@ -32,8 +32,6 @@ use registry::Registry;
 /// holds a few KiB for at most `limits.handshake_timeout`, so hundreds of slow clients cannot
 /// keep a real agent out.
 const MAX_PENDING_TUNNELS: usize = 2048;
-/// Pause after a failed accept on the tunnel listener.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// The sockets a DMZ node serves, bound by the caller (port 0 in tests).
 #[derive(Debug)]
@@ -208,16 +206,10 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             p = pending.clone().acquire_owned() => p.expect("semaphore is never closed"),
         };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listeners.tunnel.accept() => match r {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "tunnel accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) =
+            relay_tunnel::net::accept(&listeners.tunnel, &shutdown, "tunnel listener").await
+        else {
+            break;
         };
         let node = node.clone();
         tunnels.spawn(async move {

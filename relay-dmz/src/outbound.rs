@@ -240,10 +240,7 @@ async fn relay(
 ) -> &'static str {
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::OUTBOUND);
     active.increment(1.0);
-    let counters = PumpCounters {
-        to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
-        to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
-    };
+    let counters = PumpCounters::partner_socket(service);
     let started = Instant::now();
     let (moved, result) = pump::pump(
         partner,

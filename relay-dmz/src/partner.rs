@@ -302,10 +302,7 @@ async fn relay(
     carrier.active.fetch_add(1, Ordering::Relaxed);
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::INBOUND);
     active.increment(1.0);
-    let counters = PumpCounters {
-        to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
-        to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
-    };
+    let counters = PumpCounters::partner_socket(service);
     let started = Instant::now();
     let (moved, result) = pump::pump(
         partner,

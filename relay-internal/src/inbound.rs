@@ -194,10 +194,7 @@ async fn run(
     metrics::histogram!(m::SESSION_SETUP, "direction" => m::INBOUND).record(setup.as_secs_f64());
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.name.clone(), "direction" => m::INBOUND);
     active.increment(1.0);
-    let counters = PumpCounters {
-        to_stream: metrics::counter!(m::BYTES, "service" => service.name.clone(), "direction" => m::TARGET_TO_PARTNER),
-        to_socket: metrics::counter!(m::BYTES, "service" => service.name.clone(), "direction" => m::PARTNER_TO_TARGET),
-    };
+    let counters = PumpCounters::target_socket(&service.name);
     let ran = pump::pump(
         target,
         bytes::Bytes::new(),

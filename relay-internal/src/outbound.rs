@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use relay_tunnel::h2conf::ANSWER_MARGIN;
 use relay_tunnel::metrics as m;
+use relay_tunnel::net;
 use relay_tunnel::protocol::{self, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal};
 use relay_tunnel::pump::{self, PumpCounters};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,9 +18,6 @@ use tracing::Instrument;
 use crate::Agent;
 use crate::config::OutboundService;
 use crate::pool::Lease;
-
-/// Pause after a failed accept.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// An outbound stream the DMZ answered with 200.
 pub struct Opened {
@@ -132,10 +130,7 @@ pub async fn relay(
         .record(started.elapsed().as_secs_f64());
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::OUTBOUND);
     active.increment(1.0);
-    let counters = PumpCounters {
-        to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
-        to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
-    };
+    let counters = PumpCounters::target_socket(service);
     let (moved, result) = pump::pump(
         engine,
         prefix,
@@ -207,16 +202,8 @@ fn audit(
 /// Accepts engine connections on a fixed `[[outbound]]` listener until `stop` is cancelled.
 pub async fn serve_fixed(agent: Arc<Agent>, spec: OutboundService, listener: TcpListener) {
     loop {
-        let (engine, peer) = tokio::select! {
-            _ = agent.drain.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(service = %spec.name, error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
+        let Some((engine, peer)) = net::accept(&listener, &agent.drain, &spec.name).await else {
+            return;
         };
         let agent2 = agent.clone();
         let spec = spec.clone();

@@ -11,6 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use relay_tunnel::metrics as m;
+use relay_tunnel::net;
 use relay_tunnel::protocol::{self, Refusal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,22 +27,13 @@ pub const SERVICE: &str = "proxy";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest SOCKS5 greeting plus request.
 const MAX_SOCKS_REQUEST: usize = 600;
-/// Pause after a failed accept.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Accepts engine connections until the agent drains.
 pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
     loop {
-        let (engine, peer) = tokio::select! {
-            _ = agent.drain.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "proxy accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
+        let Some((engine, peer)) = net::accept(&listener, &agent.drain, "outbound proxy").await
+        else {
+            return;
         };
         let agent2 = agent.clone();
         let session = protocol::new_session_id();

@@ -5,20 +5,11 @@
 
 use std::sync::Arc;
 
-use relay_tunnel::metrics as m;
-
 use crate::{Agent, AgentConfig, Settings};
 
 /// Reloads the config from the file it came from; returns a summary or why nothing changed.
 pub(crate) fn reload(agent: &Agent) -> Result<String, String> {
-    let result = apply(agent);
-    let label = if result.is_ok() { "ok" } else { "error" };
-    metrics::counter!(m::CONFIG_RELOADS, "result" => label).increment(1);
-    match &result {
-        Ok(summary) => tracing::info!(%summary, "config reloaded"),
-        Err(reason) => tracing::error!(%reason, "config reload failed; the running config stays"),
-    }
-    result
+    relay_tunnel::admin::counted_reload(apply(agent))
 }
 
 fn apply(agent: &Agent) -> Result<String, String> {

@@ -28,6 +28,17 @@ pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// Reloads the config (`POST /reload`, SIGHUP): a summary of what changed, or why nothing did.
 pub type Reloader = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
+/// Counts and logs the outcome of a reload, and passes it on.
+pub fn counted_reload(result: Result<String, String>) -> Result<String, String> {
+    let label = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => label).increment(1);
+    match &result {
+        Ok(summary) => tracing::info!(%summary, "config reloaded"),
+        Err(reason) => tracing::error!(%reason, "config reload failed; the running config stays"),
+    }
+    result
+}
+
 /// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,

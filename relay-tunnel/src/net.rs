@@ -22,6 +22,31 @@ pub fn bind_reuse(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// Pause after a failed accept (such as running out of file descriptors), so an accept loop
+/// does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// The next connection on `listener`, or `None` once `stop` is cancelled. Accept errors are
+/// logged (naming `what`) and followed by a short pause.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+        }
+    }
+}
+
 /// Makes the next close of this socket send a TCP RST instead of a FIN.
 pub fn set_reset_on_close(stream: &TcpStream) {
     // Best effort: the socket may already be gone.

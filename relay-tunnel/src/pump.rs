@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::h2conf::READ_BUFFER;
+use crate::metrics as m;
 use crate::net;
 
 /// Byte counts of a finished or failed session.
@@ -68,6 +69,24 @@ pub struct PumpCounters {
     pub to_stream: metrics::Counter,
     /// Advanced by bytes written to the socket.
     pub to_socket: metrics::Counter,
+}
+
+impl PumpCounters {
+    /// Counters of a pump whose socket is the partner's (the DMZ side).
+    pub fn partner_socket(service: &str) -> Self {
+        Self {
+            to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
+            to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
+        }
+    }
+
+    /// Counters of a pump whose socket is the trading engine's or the target's (the agent side).
+    pub fn target_socket(service: &str) -> Self {
+        Self {
+            to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
+            to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
+        }
+    }
 }
 
 /// The time limits of one session.
