@@ -164,7 +164,7 @@ pub struct Limits {
     pub setup_timeout: Duration,
     /// A session with no byte moving either way for this long is closed.
     pub idle_timeout: Duration,
-    /// One direction of a session ended and the other did not within this long: closed.
+    /// One direction of a session ended and the other moved no byte for this long: closed.
     pub half_closed_timeout: Duration,
     /// Time in-flight sessions get to finish on shutdown.
     pub drain_timeout: Duration,

@@ -213,9 +213,9 @@ pub async fn run(
         };
         let node = node.clone();
         tunnels.spawn(async move {
-            // The permit bounds handshakes in progress; a registered tunnel releases it.
-            let _permit = permit;
-            tunnel::serve(stream, peer, node).await;
+            // The permit bounds handshakes in progress; the tunnel lets it go once the agent
+            // is authenticated and registered.
+            tunnel::serve(stream, peer, node, permit).await;
         });
     }
 

@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     relay_tunnel::cli::main(
         "relay-dmz",
         "relay DMZ node: public listeners gated by agent tunnels",
+        "127.0.0.1:9090",
         DmzConfig::load,
         |config, shutdown| async move {
             let listeners = Listeners::bind(&config)

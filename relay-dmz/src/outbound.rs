@@ -13,7 +13,9 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response};
 use relay_tunnel::config::ConnectRule;
 use relay_tunnel::metrics as m;
-use relay_tunnel::protocol::{self, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal};
+use relay_tunnel::protocol::{
+    self, HEADER_CONNECT_TIMEOUT, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal,
+};
 use relay_tunnel::pump::{self, PumpCounters};
 use relay_tunnel::{h2conf, keepalive};
 use tokio::net::TcpStream;
@@ -141,14 +143,17 @@ async fn dial(
     if node.draining.is_cancelled() {
         return Err((Refusal::Unavailable, "DMZ node draining".into()));
     }
-    let addrs = allowed_addrs(
-        &node.policy().connect_allow,
-        &host,
-        port,
-        node.limits.connect_timeout,
-    )
-    .await?;
-    let deadline = Instant::now() + node.limits.connect_timeout;
+    // Dial within the agent's patience too, so it hears the answer before it gives up.
+    let agent_wait = request
+        .headers()
+        .get(HEADER_CONNECT_TIMEOUT)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let timeout = agent_wait.map_or(node.limits.connect_timeout, |w| {
+        w.min(node.limits.connect_timeout)
+    });
+    let deadline = Instant::now() + timeout;
+    let addrs = allowed_addrs(&node.policy().connect_allow, &host, port, timeout).await?;
     let mut last = (
         Refusal::TargetTimeout,
         format!("connect to {authority} timed out"),

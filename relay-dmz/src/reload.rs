@@ -17,7 +17,7 @@ fn apply(node: &Node) -> Result<String, String> {
     let Some(path) = current.source.clone() else {
         return Err("this node was not started from a config file".into());
     };
-    let new = DmzConfig::load(&path)
+    let mut new = DmzConfig::load(&path)
         .map_err(|e| format!("{}: {}", path.display(), e.to_string().replace('\n', "; ")))?;
     let mut restart = Vec::new();
     if new.tunnel_listen != current.tunnel_listen {
@@ -47,6 +47,13 @@ fn apply(node: &Node) -> Result<String, String> {
             cut += 1;
         }
     }
+    // What needs a restart keeps running as it is: remember that, so the next reload still
+    // reports the pending change.
+    new.tunnel_listen = current.tunnel_listen;
+    new.admin_listen = current.admin_listen;
+    new.public_bind = current.public_bind;
+    new.keepalive = current.keepalive;
+    new.limits = current.limits;
     *current = new;
     let mut summary = format!("reloaded {}; {cut} tunnel(s) cut", path.display());
     if !restart.is_empty() {

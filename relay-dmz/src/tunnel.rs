@@ -53,7 +53,12 @@ impl Refused {
 }
 
 /// Serves one agent connection from accept to close.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    node: Arc<Node>,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let started = Instant::now();
     let _ = stream.set_nodelay(true);
     let (mut tls_stream, agent, kind) = match authenticate(stream, &node).await {
@@ -76,6 +81,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
     let live = LiveGuard::new(&node, agent.clone(), chain);
     let cut = live.cut.clone();
     if kind == Kind::Outbound {
+        // No registration on an outbound carrier: authenticated is done.
+        drop(handshake_permit);
         let span = tracing::info_span!("tunnel", agent = %agent, %peer, kind = "outbound");
         metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
         let connected = metrics::gauge!(m::TUNNELS_CONNECTED, "agent" => agent.clone());
@@ -111,6 +118,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
             );
         }
     };
+    drop(handshake_permit);
     let (answer, reservation) = node.registry.reserve(&agent, &registration);
     for v in &answer.services {
         let result = if v.accepted { "accepted" } else { "rejected" };

@@ -243,6 +243,8 @@ async fn serve_outbound(
         }),
     );
     *was_up = true;
+    metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
+    let _up = agent.tunnel_up(&node.addr);
     tracing::debug!(dmz = %node.addr, "outbound tunnel up");
     let keepalive = keepalive::run(
         ping_pong,

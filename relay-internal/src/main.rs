@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     relay_tunnel::cli::main(
         "relay-internal",
         "relay agent: dials the DMZ nodes and serves partner sessions",
+        "127.0.0.1:9091",
         AgentConfig::load,
         |config, shutdown| async move {
             let admin = match config.admin_listen {

@@ -10,7 +10,9 @@ use http::{Method, Request, StatusCode};
 use relay_tunnel::h2conf::ANSWER_MARGIN;
 use relay_tunnel::metrics as m;
 use relay_tunnel::net;
-use relay_tunnel::protocol::{self, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal};
+use relay_tunnel::protocol::{
+    self, HEADER_CONNECT_TIMEOUT, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal,
+};
 use relay_tunnel::pump::{self, PumpCounters};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -46,7 +48,18 @@ pub async fn open(
     for lease in plan {
         let node = &agent.nodes[lease.node()];
         let wait = agent.limits.connect_timeout + ANSWER_MARGIN;
-        match tokio::time::timeout(wait, request(&lease, destination, service, session)).await {
+        match tokio::time::timeout(
+            wait,
+            request(
+                &lease,
+                destination,
+                service,
+                session,
+                agent.limits.connect_timeout,
+            ),
+        )
+        .await
+        {
             Ok(Ok((send, recv))) => return Ok(Opened { lease, send, recv }),
             Ok(Err(failure)) => {
                 tracing::debug!(dmz = %node, refusal = ?failure.0, reason = %failure.1, "DMZ node could not open the session; trying the next");
@@ -77,6 +90,7 @@ async fn request(
     destination: &str,
     service: &str,
     session: &str,
+    dial_timeout: Duration,
 ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), (Refusal, String)> {
     let tunnel = |e: h2::Error| (Refusal::Unavailable, format!("tunnel: {e}"));
     let mut req = Request::builder()
@@ -90,7 +104,12 @@ async fn request(
             )
         })?;
     let headers = req.headers_mut();
-    for (name, value) in [(HEADER_SERVICE, service), (HEADER_SESSION, session)] {
+    let dial_ms = dial_timeout.as_millis().to_string();
+    for (name, value) in [
+        (HEADER_SERVICE, service),
+        (HEADER_SESSION, session),
+        (HEADER_CONNECT_TIMEOUT, dial_ms.as_str()),
+    ] {
         if let Ok(v) = http::HeaderValue::try_from(value) {
             headers.insert(name, v);
         }

@@ -46,7 +46,7 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
 
 async fn handle(agent: Arc<Agent>, engine: TcpStream, session: String) {
     let started = Instant::now();
-    let Ok(_permit) = agent.session_limit.clone().try_acquire_owned() else {
+    let Ok(permit) = agent.session_limit.clone().try_acquire_owned() else {
         return outbound::refused(
             SERVICE,
             &session,
@@ -59,12 +59,19 @@ async fn handle(agent: Arc<Agent>, engine: TcpStream, session: String) {
     let mut first = [0u8; 1];
     match tokio::time::timeout(REQUEST_TIMEOUT, engine.peek(&mut first)).await {
         Ok(Ok(1)) => {}
-        _ => return,
+        _ => {
+            metrics::counter!(m::REJECTIONS, "reason" => "bad_proxy_request").increment(1);
+            tracing::debug!("engine sent no proxy request");
+            return;
+        }
     }
     if first[0] == socks5::VERSION {
+        let _permit = permit;
         socks(&agent, engine, &session, started).await;
     } else {
-        http_connect(agent.clone(), engine, session, started).await;
+        // The CONNECT session outlives this task (it runs after the upgrade): it takes the
+        // permit along.
+        http_connect(agent.clone(), engine, session, started, permit).await;
     }
 }
 
@@ -135,11 +142,19 @@ async fn read_more(engine: &mut TcpStream, buf: &mut BytesMut) -> Result<(), soc
     }
 }
 
-async fn http_connect(agent: Arc<Agent>, engine: TcpStream, session: String, started: Instant) {
+async fn http_connect(
+    agent: Arc<Agent>,
+    engine: TcpStream,
+    session: String,
+    started: Instant,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let permit = Arc::new(std::sync::Mutex::new(Some(permit)));
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let agent = agent.clone();
         let session = session.clone();
-        async move { Ok::<_, Infallible>(answer_connect(agent, req, session, started).await) }
+        let permit = permit.lock().unwrap_or_else(|p| p.into_inner()).take();
+        async move { Ok::<_, Infallible>(answer_connect(agent, req, session, started, permit).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -157,6 +172,7 @@ async fn answer_connect(
     mut req: Request<Incoming>,
     session: String,
     started: Instant,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::CONNECT {
         metrics::counter!(m::REJECTIONS, "reason" => "bad_proxy_request").increment(1);
@@ -181,6 +197,7 @@ async fn answer_connect(
             let agent2 = agent.clone();
             agent.sessions.spawn(
                 async move {
+                    let _permit = permit;
                     let upgraded = match upgrade.await {
                         Ok(u) => u,
                         Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),

@@ -17,7 +17,7 @@ fn apply(agent: &Agent) -> Result<String, String> {
     let Some(path) = current.source.clone() else {
         return Err("this agent was not started from a config file".into());
     };
-    let new = AgentConfig::load(&path)
+    let mut new = AgentConfig::load(&path)
         .map_err(|e| format!("{}: {}", path.display(), e.to_string().replace('\n', "; ")))?;
     let mut restart = Vec::new();
     let differs =
@@ -38,6 +38,15 @@ fn apply(agent: &Agent) -> Result<String, String> {
     agent
         .settings
         .send_replace(Arc::new(Settings::from_config(&new)));
+    // What needs a restart keeps running as it is: remember that, so the next reload still
+    // reports the pending change.
+    new.dmz = std::mem::take(&mut current.dmz);
+    new.connections = current.connections;
+    new.keepalive = current.keepalive;
+    new.limits = current.limits;
+    new.admin_listen = current.admin_listen;
+    new.outbound = std::mem::take(&mut current.outbound);
+    new.outbound_proxy = current.outbound_proxy;
     *current = new;
     let mut summary = format!(
         "reloaded {}; TLS material for new tunnels; services {}",

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +37,7 @@ enum Command {
     /// (for container health checks: needs no shell and no curl).
     Health {
         /// Admin endpoint address.
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        #[arg(long)]
         admin: String,
         /// Path to ask: /readyz or /livez.
         #[arg(long, default_value = "/readyz")]
@@ -49,6 +50,7 @@ enum Command {
 pub fn main<C, F, Fut>(
     name: &'static str,
     about: &'static str,
+    default_admin: &'static str,
     load: impl Fn(&Path) -> Result<C, ConfigError>,
     serve: F,
 ) -> ExitCode
@@ -56,14 +58,25 @@ where
     F: FnOnce(C, CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
-    let matches = Cli::command()
+    let command = Cli::command()
         .name(name)
         .version(env!("CARGO_PKG_VERSION"))
         .about(about)
-        .get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+        .mut_subcommand("health", |s| {
+            s.mut_arg("admin", |a| a.required(false).default_value(default_admin))
+        });
+    let cli = match command
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
-        Err(e) => e.exit(),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     if let Some(Command::Health { admin, path }) = &cli.command {
         return match health(admin, path) {

@@ -24,7 +24,7 @@ pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 64;
 pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 /// Copy buffer for reading a TCP socket into a stream.
 pub const READ_BUFFER: usize = 64 * 1024;
-/// How long a CONNECT answer may take beyond the agent's target connect timeout.
+/// How long an answer may take beyond the connect timeout it covers (tunnel round trips).
 pub const ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
 /// HTTP/2 client settings (the DMZ on an inbound carrier).

@@ -27,6 +27,10 @@ pub const HEADER_SESSION: &str = "relay-session";
 /// Header of an outbound session: the agent's name for it (`[[outbound]]` name or `proxy`),
 /// used as the `service` label on the DMZ.
 pub const HEADER_SERVICE: &str = "relay-service";
+/// Header of an outbound session: how long the agent lets the DMZ dial, in milliseconds (the
+/// DMZ dials within the smaller of this and its own `limits.connect_timeout`, so it answers
+/// before the agent gives up and tries another node).
+pub const HEADER_CONNECT_TIMEOUT: &str = "relay-connect-timeout-ms";
 /// Header of a non-200 answer: one line saying why the session was refused.
 pub const HEADER_REASON: &str = "relay-reason";
 

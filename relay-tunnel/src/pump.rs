@@ -42,7 +42,7 @@ pub enum PumpError {
     /// Neither side moved a byte for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
-    /// One direction ended and the other stayed open too long.
+    /// One direction ended and the other stayed silent too long.
     #[error("half-closed for {0:?}")]
     HalfClosed(Duration),
     /// The relay stopped the session (shutdown deadline).
@@ -94,7 +94,7 @@ impl PumpCounters {
 pub struct PumpLimits {
     /// Neither side moved a byte for this long: the session is closed.
     pub idle_timeout: Duration,
-    /// One direction ended (FIN) and the other did not within this long: closed.
+    /// One direction ended (FIN) and the other moved no byte for this long: closed.
     pub half_closed_timeout: Duration,
 }
 
@@ -149,8 +149,12 @@ pub async fn pump(
                 + Duration::from_millis(last_activity.load(Ordering::Relaxed))
                 + limits.idle_timeout;
             let half = half_closed.load(Ordering::Relaxed);
-            let half_deadline = (half > 0)
-                .then(|| start + Duration::from_millis(half - 1) + limits.half_closed_timeout);
+            // Once half-closed, the open direction must keep moving: a long download after
+            // the client's FIN is fine, a silent half-open session is reaped.
+            let half_deadline = (half > 0).then(|| {
+                let since = (half - 1).max(last_activity.load(Ordering::Relaxed));
+                start + Duration::from_millis(since) + limits.half_closed_timeout
+            });
             let now = Instant::now();
             if now >= idle_deadline {
                 return PumpError::Idle(limits.idle_timeout);
@@ -188,9 +192,12 @@ async fn socket_to_stream(
     total: &AtomicU64,
     touch: &impl Fn(),
 ) -> Result<(), PumpError> {
+    let mut buf = BytesMut::new();
     loop {
         tcp.readable().await.map_err(PumpError::Socket)?;
-        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        // While data flows, this takes back the block of the previous read once HTTP/2 has
+        // sent it; when the socket runs dry the block is let go, so idle sessions hold none.
+        buf.reserve(READ_BUFFER);
         match tcp.try_read_buf(&mut buf) {
             Ok(0) => {
                 send.send_data(Bytes::new(), true)
@@ -199,11 +206,11 @@ async fn socket_to_stream(
             }
             Ok(n) => {
                 touch();
-                send_all(send, buf.freeze()).await?;
+                send_all(send, buf.split().freeze()).await?;
                 counter.increment(n as u64);
                 total.fetch_add(n as u64, Ordering::Relaxed);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = BytesMut::new(),
             Err(e) => return Err(PumpError::Socket(e)),
         }
     }
