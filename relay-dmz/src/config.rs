@@ -216,6 +216,17 @@ impl DmzConfig {
     }
 }
 
+/// The default memory budget: 2 GiB, or three quarters of the container's memory limit
+/// (cgroup v2 `memory.max`) when that is lower, so the budget refuses sessions before the
+/// kernel kills the process.
+fn default_memory_budget() -> u64 {
+    let default = defaults::MEMORY_BUDGET_MIB * 1024 * 1024;
+    std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(default, |limit| default.min(limit / 4 * 3))
+}
+
 fn duration(err: &mut ConfigError, key: &str, raw: &Option<String>, default: Duration) -> Duration {
     match raw {
         Some(s) => err.check(key, cfg::parse_duration(s)).unwrap_or(default),
@@ -350,9 +361,10 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
                 .unwrap_or(1)
                 .saturating_mul(defaults::SOURCE_BURST_SECONDS)
         }),
-        memory_budget: match l.memory_budget_mib.unwrap_or(defaults::MEMORY_BUDGET_MIB) {
-            0 => None,
-            mib => Some(mib * 1024 * 1024),
+        memory_budget: match l.memory_budget_mib {
+            Some(0) => None,
+            Some(mib) => Some(mib * 1024 * 1024),
+            None => Some(default_memory_budget()),
         },
         handshake_timeout: duration(
             &mut err,

@@ -54,24 +54,26 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
         };
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = crate::net::accept(&listener, &shutdown, "admin listener").await
+        else {
+            break;
         };
+        // Reload changes the running config: only from this host (SIGHUP or a local POST),
+        // even when the admin endpoint listens on every interface for probes and scrapes.
+        let local = peer.ip().is_loopback();
         let ready = ready.clone();
         let reload = reload.clone();
         let metrics = metrics.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
-                let response = route(&req, &ready, reload.as_ref(), &metrics);
+                let response = route(
+                    &req,
+                    &ready,
+                    reload.as_ref().filter(|_| local),
+                    local,
+                    &metrics,
+                );
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -91,6 +93,7 @@ fn route(
     req: &Request<Incoming>,
     ready: &Readiness,
     reload: Option<&Reloader>,
+    local: bool,
     metrics: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() == "/reload" {
@@ -99,6 +102,10 @@ fn route(
                 Ok(summary) => text(StatusCode::OK, format!("{summary}\n")),
                 Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{reason}\n")),
             },
+            (&Method::POST, None) if !local => text(
+                StatusCode::FORBIDDEN,
+                "reload is accepted from this host only\n".into(),
+            ),
             (&Method::POST, None) => text(StatusCode::NOT_FOUND, "not found\n".into()),
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n".into()),
         };

@@ -32,16 +32,27 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, String> {
     // A v1 header is one line: judge it only once the line is complete (ppp may call a cut
     // line malformed).
     let looks_v1 = buf.starts_with(b"PROXY") || b"PROXY".starts_with(buf);
-    if looks_v1 && !buf.windows(2).any(|w| w == b"\r\n") {
-        return if buf.len() > V1_MAX {
-            Err(format!("PROXY v1 header longer than {V1_MAX} bytes"))
-        } else {
-            Ok(Parsed::Incomplete)
+    let mut buf = buf;
+    if looks_v1 {
+        let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+            return if buf.len() > V1_MAX {
+                Err(format!("PROXY v1 header longer than {V1_MAX} bytes"))
+            } else {
+                Ok(Parsed::Incomplete)
+            };
         };
+        if end + 2 > V1_MAX {
+            return Err(format!("PROXY v1 header longer than {V1_MAX} bytes"));
+        }
+        // Give ppp the first line alone: it mis-measures a line holding a stray CR or LF
+        // (found by fuzzing), and a complete line is never "incomplete".
+        buf = &buf[..end + 2];
     }
     let result = HeaderResult::parse(buf);
     if result.is_incomplete() {
-        return if buf.len() >= MAX_HEADER {
+        return if looks_v1 {
+            Err("malformed PROXY v1 header: the line ends early".to_owned())
+        } else if buf.len() >= MAX_HEADER {
             Err(format!(
                 "no complete PROXY header within {MAX_HEADER} bytes"
             ))
@@ -50,6 +61,9 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, String> {
         };
     }
     match result {
+        HeaderResult::V1(Ok(h)) if h.header.len() != buf.len() => {
+            Err("malformed PROXY v1 header: stray CR or LF in the line".to_owned())
+        }
         HeaderResult::V1(Ok(h)) => {
             let source = match h.addresses {
                 v1::Addresses::Tcp4(a) => {
@@ -199,6 +213,13 @@ mod tests {
         assert!(parse(b"GET / HTTP/1.1\r\n\r\n").is_err());
         assert!(parse(b"PROXY TCP4 999.1.1.1 10.0.0.1 1 2\r\n").is_err());
         assert!(parse(&[b'P'; MAX_HEADER]).is_err());
+    }
+
+    #[test]
+    fn a_v1_line_with_a_stray_cr_or_lf_is_refused() {
+        // Found by fuzzing: ppp measured this header one byte short of its CRLF.
+        assert!(parse(b"PROXY UNKNOWN NOWN \n\r\r\nP \x0b\0\0\0N\r").is_err());
+        assert!(parse(b"PROXY UNKNOWN\r\r\npayload").is_err());
     }
 
     #[test]
