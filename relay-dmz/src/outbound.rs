@@ -107,7 +107,10 @@ async fn session(
             Err((refusal, reason)) => {
                 if refusal == Refusal::PolicyDenied {
                     metrics::counter!(m::REJECTIONS, "reason" => "policy_denied").increment(1);
-                    tracing::info!(%reason, "outbound destination denied by policy");
+                    // Rate-limited: an agent asking in a loop must not flood the log.
+                    if let Some(held_back) = node.log_limit.check("policy_denied") {
+                        tracing::info!(%reason, held_back, "outbound destination denied by policy");
+                    }
                 } else {
                     tracing::debug!(%reason, "outbound dial failed");
                 }

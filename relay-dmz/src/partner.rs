@@ -190,7 +190,12 @@ async fn relay_partner(
         || (!policy.allow.is_empty() && !policy.allow.iter().any(|net| net.contains(&partner.ip())))
     {
         metrics::counter!(m::REJECTIONS, "reason" => "source_denied").increment(1);
-        tracing::debug!("partner source denied (policy.deny or the service's allow list): closed");
+        if let Some(held_back) = node.log_limit.check("source_denied") {
+            tracing::info!(
+                held_back,
+                "partner source denied (policy.deny or the service's allow list): closed"
+            );
+        }
         return "source_denied";
     }
     let _ticket = match node.admission.admit(service, partner.ip()) {

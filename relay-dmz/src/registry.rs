@@ -295,11 +295,26 @@ impl Registry {
                     decl.name, existing.spec, agents
                 ));
             }
-            existing.pending += 1;
-            *lock(&existing.listener.policy) = Arc::new(ListenerPolicy {
+            let policy = ListenerPolicy {
                 allow,
                 accept_proxy: decl.accept_proxy,
-            });
+            };
+            // The same agent may change its partner policy (a reload); another agent must
+            // agree with it, or it could open a service to partners its owner refused.
+            let others: Vec<&str> = existing
+                .carriers
+                .iter()
+                .map(|c| c.agent.as_str())
+                .filter(|a| *a != agent)
+                .collect();
+            if !others.is_empty() && *existing.listener.policy() != policy {
+                return Err(format!(
+                    "service {:?}: allow/accept_proxy differ from what agents {others:?} declared",
+                    decl.name
+                ));
+            }
+            existing.pending += 1;
+            *lock(&existing.listener.policy) = Arc::new(policy);
             return Ok(());
         }
         let bind_ip = self.public_bind.unwrap_or(spec.ip);

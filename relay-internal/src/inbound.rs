@@ -29,7 +29,10 @@ pub async fn serve(
         Ok(parsed) => parsed,
         Err((refusal, reason)) => {
             metrics::counter!(m::REJECTIONS, "reason" => refusal.label()).increment(1);
-            tracing::warn!(%dmz, authority = ?request.uri().authority().map(|a| a.as_str()), %reason, "session stream refused");
+            // A bad request from a DMZ node may come in floods: log a sample, count them all.
+            if let Some(held_back) = agent.log_limit.check(refusal.label()) {
+                tracing::warn!(%dmz, authority = ?request.uri().authority().map(|a| a.as_str()), %reason, held_back, "session stream refused");
+            }
             refuse(&mut respond, refusal, &reason);
             return;
         }

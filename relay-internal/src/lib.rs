@@ -34,6 +34,8 @@ use config::{InboundService, Limits};
 pub struct Agent {
     /// Random id of this process, the same on all its tunnels.
     pub(crate) instance: String,
+    /// Limits log lines about repeated bad input.
+    pub(crate) log_limit: relay_tunnel::ratelog::RateLimit,
     /// What a reload can change; tunnels watch it to re-register.
     pub(crate) settings: tokio::sync::watch::Sender<Arc<Settings>>,
     /// Configured DMZ node addresses, by index.
@@ -162,6 +164,7 @@ pub async fn run(
         stop_tunnels: CancellationToken::new(),
         stop_sessions: CancellationToken::new(),
         connected: Mutex::new(config.dmz.iter().map(|n| (n.addr.clone(), 0)).collect()),
+        log_limit: relay_tunnel::ratelog::RateLimit::new(std::time::Duration::from_secs(1)),
         config: Mutex::new(config.clone()),
     });
     let reload_agent = agent.clone();
