@@ -1,12 +1,23 @@
 //! Test harness: a development PKI in a temporary directory, DMZ nodes and agents started
-//! in-process or as real processes from generated config files, and small targets.
+//! in-process or as real processes from generated config files, and small targets; next to it,
+//! admin endpoint clients ([`admin`]), processes with their logs ([`process`]), `/proc` readers
+//! ([`procfs`]), a seeded byte pattern ([`pattern`]), the PKI's PEM files ([`pem`]) and
+//! HAProxy in front of two DMZ nodes ([`haproxy`]).
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod haproxy;
+pub mod pattern;
+pub mod pem;
+pub mod process;
+pub mod procfs;
 pub mod targets;
+
+pub use admin::{http_get, http_post, metric, metrics_text, readyz};
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -311,6 +322,25 @@ impl ChildGuard {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Sends `signal` to the process; panics if it cannot be sent.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid fits in i32"));
+        nix::sys::signal::kill(pid, signal)
+            .unwrap_or_else(|e| panic!("send {signal} to process {pid}: {e}"));
+    }
+
+    /// Waits up to `limit` for the process to exit; its status and the time waited.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<(ExitStatus, Duration)> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some((status, start.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
 }
 
 impl Drop for ChildGuard {
@@ -391,33 +421,15 @@ pub async fn wait_closed(addr: SocketAddr, limit: Duration) -> Duration {
         .unwrap_or_else(|| panic!("{addr} still accepts after {limit:?}"))
 }
 
-/// `GET path` on an admin endpoint: status code and body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// The value of a metric sample line `name{labels} value` whose labels contain every `label`.
-pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| labels.iter().all(|lab| l.contains(lab)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+/// Asserts that `addr` refuses every connection for `period` (polled every 100 ms).
+pub async fn assert_stays_closed(addr: SocketAddr, period: Duration, what: &str) {
+    let start = Instant::now();
+    while start.elapsed() < period {
+        assert!(
+            !accepts(addr).await,
+            "{what}: {addr} opened after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

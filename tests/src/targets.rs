@@ -1,4 +1,4 @@
-//! Small targets for tests and the demo: echo, a byte source, and a one-page HTTP server.
+//! Small targets for tests and the demo: echo, a tagged echo, and a one-page HTTP server.
 
 use std::net::SocketAddr;
 
@@ -27,6 +27,28 @@ pub async fn echo() -> Target {
     let task = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Target { addr, task }
+}
+
+/// Writes one `tag` byte to every connection, so a client knows which target answered, then
+/// echoes like [`echo`].
+pub async fn tagged_echo(tag: u8) -> Target {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind tagged echo");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(&[tag]).await.is_err() {
+                    return;
+                }
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
                 let _ = w.shutdown().await;

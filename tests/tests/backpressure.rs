@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use relay_e2e::pattern::Pattern;
 use relay_e2e::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,46 +29,8 @@ const SLOW_READ: usize = 64 * 1024;
 const SLOW_PERIOD: Duration = Duration::from_millis(10);
 /// Generous bound on the whole transfer (about 15 s on an idle 2-core machine, debug build).
 const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
-/// Bytes generated per write.
-const CHUNK: usize = 64 * 1024;
 /// Seed of the target's byte pattern.
 const SEED: u64 = 0xb0ff;
-
-/// splitmix64: a seeded byte pattern the partner can regenerate to check what it got.
-struct Prng(u64);
-
-impl Prng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Fills `buf`; the stream is the same for any split into chunks that are multiples of 8.
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
-/// SHA-256 of the first `len` bytes of the pattern `seed`.
-fn pattern_digest(seed: u64, len: u64) -> [u8; 32] {
-    let mut prng = Prng(seed);
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        prng.fill(&mut buf[..n]);
-        hash.update(&buf[..n]);
-        left -= n as u64;
-    }
-    hash.finalize().into()
-}
 
 /// A target that reads an 8-byte big-endian length, then sends that many pattern bytes as
 /// fast as the connection takes them and closes. `written` counts what it has handed to the
@@ -83,18 +46,13 @@ async fn source_target(written: Arc<AtomicU64>) -> (SocketAddr, tokio::task::Joi
                 let Ok(Ok(_)) = tokio::time::timeout(WAIT, s.read_exact(&mut len)).await else {
                     return;
                 };
-                let mut left = u64::from_be_bytes(len);
                 written.store(0, Ordering::Relaxed);
-                let mut prng = Prng(SEED);
-                let mut buf = vec![0u8; CHUNK];
-                while left > 0 {
-                    let n = left.min(CHUNK as u64) as usize;
-                    prng.fill(&mut buf[..n]);
-                    if s.write_all(&buf[..n]).await.is_err() {
+                let mut pattern = Pattern::new(SEED, u64::from_be_bytes(len));
+                while let Some(chunk) = pattern.next_chunk() {
+                    if s.write_all(chunk).await.is_err() {
                         return;
                     }
-                    written.fetch_add(n as u64, Ordering::Relaxed);
-                    left -= n as u64;
+                    written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 }
                 let _ = s.shutdown().await;
             });
@@ -105,13 +63,7 @@ async fn source_target(written: Arc<AtomicU64>) -> (SocketAddr, tokio::task::Joi
 
 /// Resident set size of process `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc status");
-    kib * 1024
+    procfs::rss_bytes(pid).expect("VmRSS in /proc status")
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -191,7 +143,7 @@ async fn slow_partner_keeps_relay_memory_within_the_windows() {
     };
 
     // The expected digest is computed while the partner idles through the slow phase.
-    let expected = tokio::task::spawn_blocking(|| pattern_digest(SEED, TOTAL));
+    let expected = tokio::task::spawn_blocking(|| pattern::digest(SEED, TOTAL));
     let transfer_start = Instant::now();
     let mut s = request(public, TOTAL).await;
     let mut hash = Sha256::new();

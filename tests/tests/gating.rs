@@ -92,31 +92,9 @@ async fn admin_ok(admin: SocketAddr, path: &str) -> bool {
     matches!(http_get(admin, path).await, Ok((200, _)))
 }
 
-/// The admin `/metrics` text, or an empty string if the endpoint does not answer.
-async fn metrics_text(admin: SocketAddr) -> String {
-    match http_get(admin, "/metrics").await {
-        Ok((200, body)) => body,
-        _ => String::new(),
-    }
-}
-
-/// Open file descriptors of process `pid`.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
-        .count()
-}
-
 /// Resident memory of process `pid` in KiB (`VmRSS`), for the report.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    procfs::rss_bytes(pid).map_or(0, |b| b / 1024)
 }
 
 /// A SIGSTOPped child, SIGCONTed on drop (also when the test fails). It borrows the child so
@@ -128,7 +106,7 @@ struct Stopped<'a> {
 
 impl<'a> Stopped<'a> {
     fn stop(child: &'a ChildGuard) -> Self {
-        kill(pid_of(child), Signal::SIGSTOP).expect("SIGSTOP the agent");
+        child.signal(Signal::SIGSTOP);
         Self {
             child,
             stopped: true,
@@ -137,7 +115,7 @@ impl<'a> Stopped<'a> {
 
     fn resume(&mut self) {
         if self.stopped {
-            kill(pid_of(self.child), Signal::SIGCONT).expect("SIGCONT the agent");
+            self.child.signal(Signal::SIGCONT);
             self.stopped = false;
         }
     }
@@ -410,7 +388,7 @@ async fn no_fd_leak_after_200_agent_cycles() {
     // One warm-up cycle, so the runtime's lazily opened descriptors are in the baseline.
     cycle(0).await;
     session_works_after_open(&pki, &opts, public).await;
-    let before = fd_count(dmz.pid());
+    let before = procfs::fd_count(dmz.pid());
     let rss_before = rss_kib(dmz.pid());
     let started = Instant::now();
     for n in 1..=CYCLES {
@@ -419,11 +397,11 @@ async fn no_fd_leak_after_200_agent_cycles() {
     let took = started.elapsed();
     // Sessions of the last probes may still be ending: give the DMZ a moment to settle back
     // to the baseline before applying the tolerance.
-    let mut after = fd_count(dmz.pid());
+    let mut after = procfs::fd_count(dmz.pid());
     let settle = Instant::now();
     while after > before && settle.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        after = fd_count(dmz.pid());
+        after = procfs::fd_count(dmz.pid());
     }
     println!(
         "gating: {CYCLES} agent cycles in {took:?}; DMZ process fds before {before}, after {after}"

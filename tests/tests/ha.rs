@@ -9,28 +9,27 @@
 //! Child logs go to files in the test's temporary directory; a failing assertion prints the
 //! relevant tails.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::path::Path;
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use relay_e2e::haproxy::{BINDS, Haproxy, haproxy_or_skip};
+use relay_e2e::pattern::Pattern;
+use relay_e2e::process::{Logged, curl, log_tail};
 use relay_e2e::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The tests of this file run one at a time: they measure time bounds on two cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Public bind addresses of the two DMZ nodes.
-const BINDS: [[u8; 4]; 2] = [[127, 0, 0, 2], [127, 0, 0, 3]];
-/// HAProxy's server names for the two nodes.
-const LB_SERVERS: [&str; 2] = ["dmz1", "dmz2"];
 /// The page of the HTTP target.
 const BODY: &str = "hello from the target\n";
 /// Bound on one short client exchange.
@@ -44,209 +43,42 @@ const LOAD_INTERVAL: Duration = Duration::from_millis(5);
 // ---------------------------------------------------------------------------------------------
 // HAProxy
 
-/// The HAProxy binary, or `None` (after a skip line) when it is not installed; under CI a
-/// missing HAProxy is an error.
-fn haproxy_or_skip(test: &str) -> Option<PathBuf> {
-    let found = [
-        "/usr/sbin/haproxy",
-        "/usr/local/sbin/haproxy",
-        "/usr/bin/haproxy",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: HAProxy is not installed (apt-get install haproxy); CI must run this test"
-        );
-        println!("{test}: SKIPPED: HAProxy is not installed (apt-get install haproxy)");
-        eprintln!("{test}: SKIPPED: HAProxy is not installed (apt-get install haproxy)");
-    }
-    found
-}
-
-/// HAProxy config: TCP mode on `lb`, servers 127.0.0.2:`port` and 127.0.0.3:`port`, each
-/// checked by `GET /readyz` on its node's admin endpoint (`admins`) every 300 ms, down after one
-/// failed check and up after one good one.
-fn haproxy_config(lb: SocketAddr, port: u16, admins: [SocketAddr; 2], stats: &Path) -> String {
-    let mut s = format!(
-        "global\n    stats socket {} mode 600 level admin\n    maxconn 4096\n\n\
-         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n    timeout check 1s\n\n\
-         listen relay\n    bind {lb}\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n",
-        stats.display()
+/// Starts HAProxy for `c`'s service port and waits until it sees both servers up and routes
+/// `probe`.
+async fn start_lb(c: &Cluster, haproxy: &Path, probe: Probe) -> Haproxy {
+    let admins = [c.nodes[0].admin, c.nodes[1].admin];
+    let lb = Haproxy::spawn(&c.pki, haproxy, c.port, admins, Duration::from_secs(30));
+    let up = wait_for(SETUP_LIMIT, || lb.all_in("UP")).await;
+    assert!(
+        up.is_some(),
+        "HAProxy did not see both DMZ nodes up within {SETUP_LIMIT:?}: {:?}\n{}",
+        lb.states().await,
+        lb.tail(20)
     );
-    for i in 0..2 {
-        let [a, b, c, d] = BINDS[i];
-        s += &format!(
-            "    server {} {a}.{b}.{c}.{d}:{port} check port {} addr {} inter 300ms fall 1 rise 1\n",
-            LB_SERVERS[i],
-            admins[i].port(),
-            admins[i].ip()
-        );
-    }
-    s
+    wait_routes(&lb, probe, SETUP_LIMIT).await;
+    lb
 }
 
-/// HAProxy running in front of the two DMZ nodes of a cluster.
-struct Lb {
-    addr: SocketAddr,
-    stats: PathBuf,
-    _proc: ChildGuard,
-}
-
-impl Lb {
-    /// Starts HAProxy for `c`'s service port and waits until it routes `probe` and sees both
-    /// servers up.
-    async fn start(c: &Cluster, haproxy: &Path, probe: Probe) -> Self {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let stats = c.pki.path("haproxy.sock");
-        let cfg = c.pki.write(
-            "haproxy.cfg",
-            &haproxy_config(addr, c.port, [c.nodes[0].admin, c.nodes[1].admin], &stats),
-        );
-        let log = log_file(&c.pki, "haproxy.log");
-        let proc = spawn_command(
-            Command::new(haproxy)
-                .arg("-f")
-                .arg(&cfg)
-                .arg("-db")
-                .stdout(log.try_clone().expect("log file"))
-                .stderr(log),
-        );
-        let lb = Self {
-            addr,
-            stats,
-            _proc: proc,
-        };
-        let up = wait_for(SETUP_LIMIT, || async {
-            let states = lb.states().await;
-            LB_SERVERS
-                .iter()
-                .all(|s| states.get(*s).is_some_and(|st| st == "UP"))
-        })
-        .await;
-        assert!(
-            up.is_some(),
-            "HAProxy did not see both DMZ nodes up within {SETUP_LIMIT:?}: {:?}\n{}",
-            lb.states().await,
-            tail(&c.pki.path("haproxy.log"), 20)
-        );
-        lb.wait_routes(probe, SETUP_LIMIT).await;
-        lb
-    }
-
-    /// Waits until a `probe` exchange through HAProxy succeeds; returns the time it took.
-    async fn wait_routes(&self, probe: Probe, limit: Duration) -> Duration {
-        let addr = self.addr;
-        wait_for(limit, || async move { probe.run(addr).await.is_ok() })
-            .await
-            .unwrap_or_else(|| panic!("HAProxy {addr} did not route within {limit:?}"))
-    }
-
-    /// HAProxy's view of each server (`UP`, `DOWN`, ...), from `show stat` on the stats socket.
-    async fn states(&self) -> HashMap<String, String> {
-        let exchange = async {
-            let mut s = UnixStream::connect(&self.stats).await.ok()?;
-            s.write_all(b"show stat\n").await.ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).await.ok()?;
-            Some(text)
-        };
-        let Ok(Some(text)) = tokio::time::timeout(Duration::from_secs(2), exchange).await else {
-            return HashMap::new();
-        };
-        let mut lines = text.lines();
-        let Some(header) = lines.next().and_then(|h| h.strip_prefix("# ")) else {
-            return HashMap::new();
-        };
-        let cols: Vec<&str> = header.split(',').collect();
-        let (Some(sv), Some(st)) = (
-            cols.iter().position(|c| *c == "svname"),
-            cols.iter().position(|c| *c == "status"),
-        ) else {
-            return HashMap::new();
-        };
-        lines
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .filter(|f| f.len() > sv.max(st))
-            .map(|f| (f[sv].to_owned(), f[st].to_owned()))
-            .collect()
-    }
-
-    /// Waits until HAProxy reports `server` in `state`; the time it took, or `None`.
-    async fn wait_state(&self, server: &str, state: &str, limit: Duration) -> Option<Duration> {
-        wait_for(limit, || async {
-            self.states().await.get(server).is_some_and(|s| s == state)
-        })
+/// Waits until a `probe` exchange through HAProxy succeeds; returns the time it took.
+async fn wait_routes(lb: &Haproxy, probe: Probe, limit: Duration) -> Duration {
+    let addr = lb.addr;
+    wait_for(limit, || async move { probe.run(addr).await.is_ok() })
         .await
-    }
+        .unwrap_or_else(|| panic!("HAProxy {addr} did not route within {limit:?}"))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// Opens (appending) a log file in the test's directory for a child's stdout and stderr.
-fn log_file(pki: &Pki, name: &str) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(pki.path(name))
-        .expect("open log file")
-}
-
-/// The last `n` lines of a log file, for assertion messages.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let from = lines.len().saturating_sub(n);
-    format!(
-        "--- {} (last {n} lines)\n{}",
-        path.display(),
-        lines[from..].join("\n")
-    )
-}
-
-/// Starts `relay-dmz` or `relay-internal` with `config`, logging to `log` in the test dir.
-fn spawn_logged(pki: &Pki, binary: &str, config: &Path, log: &str) -> ChildGuard {
-    let file = log_file(pki, log);
-    spawn_command(
-        Command::new(bin(binary))
-            .arg("--config")
-            .arg(config)
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file),
-    )
-}
-
 /// Sends SIGTERM and waits for the process to exit; panics after `limit`.
 async fn terminate(child: &mut ChildGuard, limit: Duration) -> (ExitStatus, Duration) {
-    let pid = nix::unistd::Pid::from_raw(child.pid() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let sent = Instant::now();
-    while sent.elapsed() < limit {
-        if let Some(status) = child.child.try_wait().expect("try_wait") {
-            return (status, sent.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("process {pid} did not exit within {limit:?} after SIGTERM");
-}
-
-/// `/metrics` of an admin endpoint, or empty.
-async fn metrics_text(admin: SocketAddr) -> String {
-    match http_get(admin, "/metrics").await {
-        Ok((200, body)) => body,
-        _ => String::new(),
-    }
-}
-
-/// The `/readyz` status code of an admin endpoint (0 when it does not answer).
-async fn readyz(admin: SocketAddr) -> u16 {
-    http_get(admin, "/readyz")
-        .await
-        .map(|(s, _)| s)
-        .unwrap_or(0)
+    child.signal(Signal::SIGTERM);
+    child.wait_exit(limit).await.unwrap_or_else(|| {
+        panic!(
+            "process {} did not exit within {limit:?} after SIGTERM",
+            child.pid()
+        )
+    })
 }
 
 /// Tunnels of `agent` registered on the DMZ node at `admin`.
@@ -276,9 +108,9 @@ async fn sessions_ok(admin: SocketAddr, direction: &str) -> f64 {
 struct Cluster {
     pki: Pki,
     nodes: [DmzOptions; 2],
-    dmz: [Option<ChildGuard>; 2],
+    dmz: [Option<Logged>; 2],
     agents: Vec<AgentOptions>,
-    agent_procs: Vec<Option<ChildGuard>>,
+    agent_procs: Vec<Option<Logged>>,
     /// The public port of the service.
     port: u16,
 }
@@ -313,16 +145,16 @@ impl Cluster {
             &format!("dmz{}.toml", i + 1),
             &self.nodes[i].toml(&self.pki),
         );
-        let log = format!("dmz{}.log", i + 1);
-        self.dmz[i] = Some(spawn_logged(&self.pki, "relay-dmz", &path, &log));
+        let name = format!("dmz{}", i + 1);
+        self.dmz[i] = Some(Logged::spawn(&self.pki, "relay-dmz", &path, &[], &name));
     }
 
     /// SIGKILLs node `i` and reaps it; returns the moment of the kill.
     fn kill_dmz(&mut self, i: usize) -> Instant {
-        let mut guard = self.dmz[i].take().expect("node running");
+        let mut node = self.dmz[i].take().expect("node running");
         let at = Instant::now();
-        guard.child.kill().expect("SIGKILL DMZ node");
-        guard.child.wait().expect("reap DMZ node");
+        node.guard.child.kill().expect("SIGKILL DMZ node");
+        node.guard.child.wait().expect("reap DMZ node");
         at
     }
 
@@ -342,16 +174,21 @@ impl Cluster {
         let path = self
             .pki
             .write(&format!("{}.toml", opts.identity), &opts.toml(&self.pki));
-        let log = format!("{}.log", opts.identity);
-        self.agent_procs[i] = Some(spawn_logged(&self.pki, "relay-internal", &path, &log));
+        self.agent_procs[i] = Some(Logged::spawn(
+            &self.pki,
+            "relay-internal",
+            &path,
+            &[],
+            &opts.identity,
+        ));
     }
 
     /// SIGKILLs agent `i` and reaps it; returns the moment of the kill.
     fn kill_agent(&mut self, i: usize) -> Instant {
-        let mut guard = self.agent_procs[i].take().expect("agent running");
+        let mut agent = self.agent_procs[i].take().expect("agent running");
         let at = Instant::now();
-        guard.child.kill().expect("SIGKILL agent");
-        guard.child.wait().expect("reap agent");
+        agent.guard.child.kill().expect("SIGKILL agent");
+        agent.guard.child.wait().expect("reap agent");
         at
     }
 
@@ -378,8 +215,8 @@ impl Cluster {
                     "{id} does not have {per_node} tunnels on DMZ node {} within {SETUP_LIMIT:?} (has {})\n{}\n{}",
                     n + 1,
                     tunnels_of(admin, &id).await,
-                    tail(&self.pki.path(&format!("{id}.log")), 15),
-                    tail(&self.pki.path(&format!("dmz{}.log", n + 1)), 15),
+                    log_tail(&self.pki.path(&format!("{id}.stderr")), 15),
+                    log_tail(&self.pki.path(&format!("dmz{}.stderr", n + 1)), 15),
                 );
             }
         }
@@ -387,11 +224,11 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        let mut names: Vec<String> = vec!["dmz1.log".into(), "dmz2.log".into()];
-        names.extend(self.agents.iter().map(|a| format!("{}.log", a.identity)));
+        let mut names: Vec<String> = vec!["dmz1.stderr".into(), "dmz2.stderr".into()];
+        names.extend(self.agents.iter().map(|a| format!("{}.stderr", a.identity)));
         names
             .iter()
-            .map(|n| tail(&self.pki.path(n), 25))
+            .map(|n| log_tail(&self.pki.path(n), 25))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -399,37 +236,6 @@ impl Cluster {
 
 // ---------------------------------------------------------------------------------------------
 // Targets and clients
-
-/// An echo target that first writes one tag byte, so a client knows which agent's target
-/// answered; on EOF from the client it finishes writing and closes.
-struct TaggedEcho {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for TaggedEcho {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn tagged_echo(tag: u8) -> TaggedEcho {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if s.write_all(&[tag]).await.is_err() {
-                    return;
-                }
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    TaggedEcho { addr, task }
-}
 
 /// Connects, writes `request` (half-closing after it when asked), reads to EOF.
 async fn exchange(addr: SocketAddr, request: &[u8], half_close: bool) -> Result<Vec<u8>, String> {
@@ -459,7 +265,7 @@ async fn exchange(addr: SocketAddr, request: &[u8], half_close: bool) -> Result<
 enum Probe {
     /// `GET /` on the HTTP target, new connection, `Connection: close`.
     Http,
-    /// A line through a [`TaggedEcho`]; the answer names the target's tag.
+    /// A line through a [`targets::tagged_echo`]; the answer names the target's tag.
     TaggedEcho,
 }
 
@@ -567,41 +373,8 @@ fn failures(samples: &[Sample], zero: Instant) -> Vec<String> {
         .collect()
 }
 
-/// Runs curl with `args`; returns (exit code, stdout).
-async fn curl(args: Vec<String>) -> (i32, String) {
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "10"])
-            .args(&args)
-            .output()
-            .expect("curl is installed");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    })
-    .await
-    .expect("curl task")
-}
-
 // ---------------------------------------------------------------------------------------------
 // Long transfers
-
-/// splitmix64: a seeded byte pattern.
-struct Prng(u64);
-
-impl Prng {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            let v = (z ^ (z >> 31)).to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
 
 /// What a long echo session saw.
 #[derive(Debug)]
@@ -613,7 +386,7 @@ struct LongResult {
     ended: Instant,
 }
 
-/// Bytes of a long session written per step.
+/// Read buffer of a long session.
 const CHUNK: usize = 64 * 1024;
 
 /// A long echo session through `addr`: reads the tag, sends `len` bytes of pattern `seed` at
@@ -642,19 +415,16 @@ async fn long_session(
         tag_slot.store(t[0] as u64, Ordering::Relaxed);
         let (mut r, mut w) = s.into_split();
         let writer = async move {
-            let mut prng = Prng(seed);
+            let mut pattern = Pattern::new(seed, len);
             let mut hash = Sha256::new();
-            let mut buf = vec![0u8; CHUNK];
             let started = Instant::now();
             let mut sent = 0u64;
-            while sent < len {
-                let n = (len - sent).min(CHUNK as u64) as usize;
-                prng.fill(&mut buf[..n]);
-                hash.update(&buf[..n]);
-                w.write_all(&buf[..n])
+            while let Some(chunk) = pattern.next_chunk() {
+                hash.update(chunk);
+                w.write_all(chunk)
                     .await
                     .map_err(|e| format!("write after {sent} bytes: {e}"))?;
-                sent += n as u64;
+                sent += chunk.len() as u64;
                 let due = Duration::from_secs_f64(sent as f64 / rate);
                 if let Some(ahead) = due.checked_sub(started.elapsed()) {
                     tokio::time::sleep(ahead).await;
@@ -721,7 +491,7 @@ async fn kill_dmz_node_under_load() {
     c.start_agent(0);
     c.start_agent(1);
     c.wait_registered(&[0, 1], &[0, 1], 2).await;
-    let lb = Lb::start(&c, &haproxy, Probe::Http).await;
+    let lb = start_lb(&c, &haproxy, Probe::Http).await;
 
     let stop = CancellationToken::new();
     let load = spawn_load(lb.addr, LOAD_INTERVAL, Probe::Http, stop.clone());
@@ -818,8 +588,8 @@ async fn kill_agent_under_load() {
         return;
     };
     let _serial = SERIAL.lock().await;
-    let echo1 = tagged_echo(b'1').await;
-    let echo2 = tagged_echo(b'2').await;
+    let echo1 = targets::tagged_echo(b'1').await;
+    let echo2 = targets::tagged_echo(b'2').await;
     let mut c = Cluster::new(Vec::new());
     c.start_dmz(0);
     c.start_dmz(1);
@@ -837,7 +607,7 @@ async fn kill_agent_under_load() {
     c.start_agent(0);
     c.start_agent(1);
     c.wait_registered(&[0, 1], &[0, 1], 2).await;
-    let lb = Lb::start(&c, &haproxy, Probe::TaggedEcho).await;
+    let lb = start_lb(&c, &haproxy, Probe::TaggedEcho).await;
 
     let echoed: Vec<Arc<AtomicU64>> = (0..LONG).map(|_| Arc::default()).collect();
     let tags: Vec<Arc<AtomicU64>> = (0..LONG).map(|_| Arc::default()).collect();
@@ -993,11 +763,11 @@ async fn all_agents_gone_then_one_returns() {
     c.start_agent(0);
     c.start_agent(1);
     c.wait_registered(&[0, 1], &[0, 1], 2).await;
-    let lb = Lb::start(&c, &haproxy, Probe::Http).await;
+    let lb = start_lb(&c, &haproxy, Probe::Http).await;
 
     // engine-1 stops gracefully, engine-2 is killed.
     let (status, took) = terminate(
-        c.agent_procs[0].as_mut().expect("engine-1"),
+        &mut c.agent_procs[0].as_mut().expect("engine-1").guard,
         Duration::from_secs(40),
     )
     .await;
@@ -1030,14 +800,9 @@ async fn all_agents_gone_then_one_returns() {
         });
         not_ready.push(gone.elapsed());
     }
-    let lb_down = wait_for(Duration::from_secs(5), || async {
-        let s = lb.states().await;
-        LB_SERVERS
-            .iter()
-            .all(|n| s.get(*n).is_some_and(|st| st == "DOWN"))
-    })
-    .await
-    .map(|_| gone.elapsed());
+    let lb_down = wait_for(Duration::from_secs(5), || lb.all_in("DOWN"))
+        .await
+        .map(|_| gone.elapsed());
     let lb_down_at = gone.elapsed();
     let through = Probe::Http.run(lb.addr).await;
     println!(
@@ -1077,15 +842,10 @@ async fn all_agents_gone_then_one_returns() {
             .unwrap_or_else(|| panic!("DMZ {admin} /readyz not 200 within {SETUP_LIMIT:?}"));
         ready.push(back.elapsed());
     }
-    let lb_up = wait_for(SETUP_LIMIT, || async {
-        let s = lb.states().await;
-        LB_SERVERS
-            .iter()
-            .all(|n| s.get(*n).is_some_and(|st| st == "UP"))
-    })
-    .await
-    .map(|_| back.elapsed());
-    lb.wait_routes(Probe::Http, SETUP_LIMIT).await;
+    let lb_up = wait_for(SETUP_LIMIT, || lb.all_in("UP"))
+        .await
+        .map(|_| back.elapsed());
+    wait_routes(&lb, Probe::Http, SETUP_LIMIT).await;
     let routed_at = back.elapsed();
     println!(
         "all_agents_gone_then_one_returns: engine-1 started again: public ports open after {} / {} ms, /readyz 200 after {} / {} ms, HAProxy both UP after {}, routes after {} ms",
@@ -1446,7 +1206,7 @@ async fn rolling_restart_of_agents_loses_no_new_session() {
     c.start_agent(0);
     c.start_agent(1);
     c.wait_registered(&[0, 1], &[0, 1], 2).await;
-    let lb = Lb::start(&c, &haproxy, Probe::Http).await;
+    let lb = start_lb(&c, &haproxy, Probe::Http).await;
 
     let stop = CancellationToken::new();
     let load = spawn_load(lb.addr, LOAD_INTERVAL, Probe::Http, stop.clone());
@@ -1458,7 +1218,7 @@ async fn rolling_restart_of_agents_loses_no_new_session() {
         let id = c.agents[i].identity.clone();
         events.push((Instant::now(), format!("SIGTERM {id}")));
         let (status, took) = terminate(
-            c.agent_procs[i].as_mut().expect("agent running"),
+            &mut c.agent_procs[i].as_mut().expect("agent running").guard,
             Duration::from_secs(40),
         )
         .await;

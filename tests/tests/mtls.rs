@@ -6,19 +6,17 @@
 //! The DMZ runs as a real process here (its stderr and /metrics are its own), so these tests
 //! need `cargo build --workspace` first.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use relay_e2e::process::{Captured, Dmz};
 use relay_e2e::*;
 use relay_tunnel::protocol::{
     self, ALPN_INBOUND_V1, Registration, RegistrationAnswer, ServiceDecl,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, HandshakeKind, RootCertStore};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, HandshakeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -29,171 +27,8 @@ const STAYS_CLOSED: Duration = Duration::from_secs(3);
 /// Generous limit for things that happen at once on an idle machine.
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A child process whose stderr is collected line by line.
-struct Logged {
-    child: ChildGuard,
-    log: Arc<Mutex<String>>,
-    name: &'static str,
-}
-
-impl Logged {
-    /// Starts `binary --config PATH` with `RUST_LOG=info`, no colours, stderr collected.
-    fn spawn(name: &'static str, config: &std::path::Path) -> Logged {
-        let mut child = Command::new(bin(name))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn binary");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut text = sink.lock().unwrap();
-                text.push_str(&strip_ansi(&line));
-                text.push('\n');
-            }
-        });
-        Logged {
-            child: ChildGuard { child },
-            log,
-            name,
-        }
-    }
-
-    fn text(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits for a log line holding every one of `needles`; returns it, or panics with the log.
-    async fn wait_line(&self, needles: &[&str], limit: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(line) = self
-                .text()
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return line.to_owned();
-            }
-            if start.elapsed() > limit {
-                panic!(
-                    "{} (pid {}) logged no line with {needles:?} within {limit:?}; log:\n{}",
-                    self.name,
-                    self.child.pid(),
-                    self.text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// Removes ANSI escape sequences (in case colours are forced on).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// A DMZ node process and its options.
-struct Dmz {
-    proc: Logged,
-    opts: DmzOptions,
-}
-
-impl Dmz {
-    async fn start(pki: &Pki, opts: DmzOptions) -> Dmz {
-        let path = pki.write(&format!("dmz-{}.toml", opts.tunnel.port()), &opts.toml(pki));
-        let proc = Logged::spawn("relay-dmz", &path);
-        let admin = opts.admin;
-        let up = wait_for(LIMIT, || async move {
-            matches!(http_get(admin, "/livez").await, Ok((200, _)))
-        })
-        .await;
-        assert!(up.is_some(), "DMZ did not come up; log:\n{}", proc.text());
-        Dmz { proc, opts }
-    }
-
-    /// `relay_rejections_total{reason=REASON}`, 0 if absent.
-    async fn rejections(&self, reason: &str) -> f64 {
-        let (status, body) = http_get(self.opts.admin, "/metrics")
-            .await
-            .expect("scrape /metrics");
-        assert_eq!(status, 200);
-        metric(
-            &body,
-            "relay_rejections_total",
-            &[&format!("reason=\"{reason}\"")],
-        )
-        .unwrap_or(0.0)
-    }
-
-    /// Waits until the rejection counter for `reason` reaches `at_least`.
-    async fn wait_rejections(&self, reason: &str, at_least: f64) -> f64 {
-        let start = Instant::now();
-        loop {
-            let n = self.rejections(reason).await;
-            if n >= at_least {
-                return n;
-            }
-            assert!(
-                start.elapsed() < LIMIT,
-                "relay_rejections_total{{reason=\"{reason}\"}} is {n}, expected >= {at_least}; log:\n{}",
-                self.proc.text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// Asserts that `addr` refuses every connection for `period` (polled every 100 ms).
-async fn assert_stays_closed(addr: SocketAddr, period: Duration, what: &str) {
-    let start = Instant::now();
-    while start.elapsed() < period {
-        assert!(
-            !accepts(addr).await,
-            "{what}: {addr} opened after {:?}",
-            start.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn certs(path: &std::path::Path) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_file_iter(path)
-        .expect("read certs")
-        .collect::<Result<_, _>>()
-        .expect("parse certs")
-}
-
-fn roots(pki: &Pki) -> RootCertStore {
-    let mut roots = RootCertStore::empty();
-    for c in certs(&pki.path("ca.pem")) {
-        roots.add(c).expect("add root");
-    }
-    roots
 }
 
 /// A client config presenting `identity`'s certificate, built with the given protocol versions.
@@ -203,14 +38,14 @@ fn client_config(
     versions: &[&'static rustls::SupportedProtocolVersion],
     alpn: &[&[u8]],
 ) -> ClientConfig {
-    let chain = certs(&pki.path(&format!("{identity}.pem")));
-    let key = PrivateKeyDer::from_pem_file(pki.path(&format!("{identity}-key.pem"))).expect("key");
+    let chain = pem::certs(&pki.path(&format!("{identity}.pem")));
+    let key = pem::key(&pki.path(&format!("{identity}-key.pem")));
     let mut config = ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(versions)
     .expect("versions")
-    .with_root_certificates(roots(pki))
+    .with_root_certificates(pem::roots(pki))
     .with_client_auth_cert(chain, key)
     .expect("client cert");
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -397,7 +232,7 @@ async fn dmz_certificate_with_wrong_name_is_refused_by_the_agent() {
         "the harness config changed: server_name not found"
     );
     let path = pki.write("agent-wrong-name.toml", &wrong_text);
-    let agent = Logged::spawn("relay-internal", &path);
+    let agent = Captured::spawn("relay-internal", &path);
 
     let line = agent
         .wait_line(&["cannot establish tunnel", "TLS handshake"], LIMIT)
@@ -418,7 +253,7 @@ async fn dmz_certificate_with_wrong_name_is_refused_by_the_agent() {
 
     // Positive control: the same config with the right name opens the service.
     let path = pki.write("agent-right-name.toml", &good_text);
-    let _agent = Logged::spawn("relay-internal", &path);
+    let _agent = Captured::spawn("relay-internal", &path);
     wait_open(local(port), LIMIT).await;
 }
 
@@ -572,11 +407,11 @@ async fn tunnel_sessions_are_never_resumed() {
 
 /// Two connections of `config` to a local TLS server with rustls's default session settings.
 async fn resumption_control(pki: &Pki, config: &ClientConfig) -> Vec<Option<HandshakeKind>> {
-    let chain = certs(&pki.path("dmz.pem"));
-    let key = PrivateKeyDer::from_pem_file(pki.path("dmz-key.pem")).expect("key");
+    let chain = pem::certs(&pki.path("dmz.pem"));
+    let key = pem::key(&pki.path("dmz-key.pem"));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(pki)),
+        Arc::new(pem::roots(pki)),
         provider.clone(),
     )
     .build()

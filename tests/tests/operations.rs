@@ -10,8 +10,6 @@
 mod dashboard;
 #[path = "operations/drain.rs"]
 mod drain;
-#[path = "operations/haproxy.rs"]
-mod haproxy;
 #[path = "operations/logs.rs"]
 mod logs;
 #[path = "operations/metrics.rs"]
@@ -22,13 +20,13 @@ mod reload_agent;
 mod reload_dmz;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
+use relay_e2e::process::Logged;
 use relay_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// The tests of this file run one at a time.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -42,80 +40,6 @@ pub const PARTNER_IP: [u8; 4] = [127, 0, 0, 9];
 
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// A child whose stdout and stderr go to files in the test directory.
-pub struct Logged {
-    pub guard: ChildGuard,
-    pub stdout: PathBuf,
-    pub stderr: PathBuf,
-}
-
-impl Logged {
-    /// Starts `binary --config CONFIG ARGS...` with `RUST_LOG=info`, logging to
-    /// `NAME.stdout` and `NAME.stderr` in the PKI directory.
-    pub fn spawn(pki: &Pki, binary: &str, config: &Path, args: &[&str], name: &str) -> Self {
-        let stdout = pki.path(&format!("{name}.stdout"));
-        let stderr = pki.path(&format!("{name}.stderr"));
-        let child = Command::new(bin(binary))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawn binary");
-        Self {
-            guard: ChildGuard { child },
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Everything the process wrote to stderr so far.
-    pub fn stderr_text(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Everything the process wrote to stdout so far.
-    pub fn stdout_text(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    /// The last `n` lines of stderr, for assertion messages.
-    pub fn tail(&self, n: usize) -> String {
-        let text = self.stderr_text();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(n);
-        format!(
-            "--- {} (last {n} lines)\n{}",
-            self.stderr.display(),
-            lines[from..].join("\n")
-        )
-    }
-
-    /// Sends `signal` to the process.
-    pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.guard.pid() as i32);
-        nix::sys::signal::kill(pid, signal).expect("send signal");
-    }
-
-    /// Waits up to `limit` for the process to exit; its status and the time waited.
-    pub async fn wait_exit(
-        &mut self,
-        limit: Duration,
-    ) -> Option<(std::process::ExitStatus, Duration)> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(status) = self.guard.child.try_wait().expect("try_wait") {
-                return Some((status, start.elapsed()));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        None
-    }
-}
 
 /// Writes the config of a DMZ node and starts it as a process.
 pub fn spawn_dmz_logged(pki: &Pki, opts: &DmzOptions, args: &[&str], name: &str) -> Logged {
@@ -181,40 +105,12 @@ pub async fn current(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> 
     value(&s, name, labels).unwrap_or(0.0)
 }
 
-/// The `/readyz` status code of an admin endpoint (0 when it does not answer).
-pub async fn readyz(admin: SocketAddr) -> u16 {
-    http_get(admin, "/readyz")
-        .await
-        .map(|(s, _)| s)
-        .unwrap_or(0)
-}
-
-/// `POST /reload` on an admin endpoint: status code and body.
+/// `POST /reload` on an admin endpoint: status code and body (trimmed).
 pub async fn post_reload(admin: SocketAddr) -> (u16, String) {
-    let exchange = async {
-        let mut s = TcpStream::connect(admin).await?;
-        s.write_all(
-            b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(EXCHANGE_LIMIT, exchange)
+    let (status, body) = http_post(admin, "/reload", EXCHANGE_LIMIT)
         .await
-        .expect("POST /reload answered in time")
         .expect("POST /reload");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.trim().to_owned())
-        .unwrap_or_default();
-    (status, body)
+    (status, body.trim().to_owned())
 }
 
 /// Waits until `value` of a metric on `admin` equals `want`; panics with `what` after `limit`.
@@ -293,40 +189,6 @@ pub async fn echo_session(source: [u8; 4], public: SocketAddr, data: &[u8]) -> S
     assert_eq!(back.len(), data.len(), "echoed length through {public}");
     assert!(back == data, "echoed bytes differ through {public}");
     local
-}
-
-/// An echo target that first writes one `tag` byte, then echoes; on EOF it finishes and closes.
-pub struct TaggedEcho {
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TaggedEcho {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl TaggedEcho {
-    pub async fn start(tag: u8) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind tagged echo");
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    if s.write_all(&[tag]).await.is_err() {
-                        return;
-                    }
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        Self { addr, task }
-    }
 }
 
 /// A session kept open: a partner connected through the relay to a tagged echo target.

@@ -2,29 +2,12 @@
 //! under the DMZ's `policy.connect_allow`.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
+use relay_e2e::process::curl;
 use relay_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Runs curl with `args`; returns (exit code, stdout).
-async fn curl(args: Vec<String>) -> (i32, String) {
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "10"])
-            .args(&args)
-            .output()
-            .expect("curl is installed (.ci/run installs it)");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
 
 struct Setup {
     _pki: Pki,

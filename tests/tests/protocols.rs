@@ -96,24 +96,12 @@ fn is_root() -> bool {
 
 /// Writes `len` pseudo-random bytes (splitmix64 from `seed`) to `path`; returns their SHA-256.
 fn write_pattern_file(path: &Path, seed: u64, len: usize) -> String {
-    let mut state = seed;
+    let mut pattern = pattern::Pattern::new(seed, len as u64);
     let mut hash = Sha256::new();
     let mut out = BufWriter::new(File::create(path).expect("create data file"));
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len());
-        for chunk in buf[..n].chunks_mut(8) {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-        }
-        hash.update(&buf[..n]);
-        out.write_all(&buf[..n]).expect("write data file");
-        left -= n;
+    while let Some(chunk) = pattern.next_chunk() {
+        hash.update(chunk);
+        out.write_all(chunk).expect("write data file");
     }
     out.flush().expect("flush data file");
     hex(&hash.finalize())

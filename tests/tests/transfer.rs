@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use relay_e2e::pattern::Pattern;
 use relay_e2e::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -13,44 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Bound on any single network wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
-/// Bytes generated and written per step when streaming patterns.
+/// Read buffer when hashing what comes back.
 const CHUNK: usize = 64 * 1024;
-
-/// splitmix64: a seeded byte pattern that both ends can regenerate without storing it.
-struct Prng(u64);
-
-impl Prng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Fills `buf`; the stream is the same for any split into chunks that are multiples of 8.
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
-/// SHA-256 of the first `len` bytes of the pattern `seed`.
-fn pattern_digest(seed: u64, len: u64) -> [u8; 32] {
-    let mut prng = Prng(seed);
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        prng.fill(&mut buf[..n]);
-        hash.update(&buf[..n]);
-        left -= n as u64;
-    }
-    hash.finalize().into()
-}
 
 /// Writes `len` bytes of the pattern `seed`, then half-closes; returns their SHA-256.
 async fn send_pattern<W: AsyncWrite + Unpin>(
@@ -58,16 +23,11 @@ async fn send_pattern<W: AsyncWrite + Unpin>(
     seed: u64,
     len: u64,
 ) -> io::Result<[u8; 32]> {
-    let mut prng = Prng(seed);
+    let mut pattern = Pattern::new(seed, len);
     let mut hash = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        prng.fill(&mut buf[..n]);
-        hash.update(&buf[..n]);
-        w.write_all(&buf[..n]).await?;
-        left -= n as u64;
+    while let Some(chunk) = pattern.next_chunk() {
+        hash.update(chunk);
+        w.write_all(chunk).await?;
     }
     w.shutdown().await?;
     Ok(hash.finalize().into())
@@ -247,12 +207,12 @@ async fn each_direction_carries_its_own_stream() {
         .expect("session did not finish in 60 s");
     assert_eq!(
         up,
-        (UP, pattern_digest(UP_SEED, UP)),
+        (UP, pattern::digest(UP_SEED, UP)),
         "partner -> target bytes"
     );
     assert_eq!(
         down,
-        (DOWN, pattern_digest(DOWN_SEED, DOWN)),
+        (DOWN, pattern::digest(DOWN_SEED, DOWN)),
         "target -> partner bytes"
     );
 }
@@ -481,24 +441,6 @@ async fn refused_target_closes_the_partner_and_is_counted() {
     );
 }
 
-/// A target that answers every connection with `tag`, then echoes.
-async fn tagged_echo(tag: u8) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                if w.write_all(&[tag]).await.is_ok() {
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                }
-            });
-        }
-    });
-    (addr, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_spread_over_two_agents() {
     const SESSIONS: usize = 40;
@@ -507,10 +449,16 @@ async fn sessions_spread_over_two_agents() {
     let _dmz = start_dmz(&pki, &dmz_opts).await;
     let port = free_port();
     let public = SocketAddr::from(([127, 0, 0, 1], port));
-    let (addr_1, target_1) = tagged_echo(b'1').await;
-    let (addr_2, target_2) = tagged_echo(b'2').await;
-    let opts_1 = AgentOptions::new(dmz_opts.tunnel, vec![Service::new("spread", port, addr_1)]);
-    let mut opts_2 = AgentOptions::new(dmz_opts.tunnel, vec![Service::new("spread", port, addr_2)]);
+    let target_1 = targets::tagged_echo(b'1').await;
+    let target_2 = targets::tagged_echo(b'2').await;
+    let opts_1 = AgentOptions::new(
+        dmz_opts.tunnel,
+        vec![Service::new("spread", port, target_1.addr)],
+    );
+    let mut opts_2 = AgentOptions::new(
+        dmz_opts.tunnel,
+        vec![Service::new("spread", port, target_2.addr)],
+    );
     opts_2.identity = "engine-2".into();
     let _agent_1 = start_agent(&pki, &opts_1).await;
     wait_listener_open(dmz_opts.admin, "spread").await;
@@ -549,6 +497,6 @@ async fn sessions_spread_over_two_agents() {
         counts[0] > 0 && counts[1] > 0,
         "both agents must serve sessions: {counts:?}"
     );
-    target_1.abort();
-    target_2.abort();
+    drop(target_1);
+    drop(target_2);
 }

@@ -3,6 +3,7 @@
 //! A second signal exits at once.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::haproxy::{BINDS, Lb, haproxy_or_skip};
+use relay_e2e::haproxy::{BINDS, Haproxy, LB_SERVERS, haproxy_or_skip};
+
 use super::*;
 
 /// `limits.drain_delay` of the drained node.
@@ -93,6 +95,21 @@ async fn probe(lb: SocketAddr, n: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Starts HAProxy (60 s client and server timeouts, for the long transfers) in front of the two
+/// nodes and waits until it sees each of them up.
+async fn start_lb(pki: &Pki, haproxy: &Path, port: u16, admins: [SocketAddr; 2]) -> Haproxy {
+    let lb = Haproxy::spawn(pki, haproxy, port, admins, Duration::from_secs(60));
+    for server in LB_SERVERS {
+        let up = lb.wait_state(server, "UP", SETUP_LIMIT).await;
+        assert!(
+            up.is_some(),
+            "HAProxy does not see {server} up: {}",
+            lb.tail(20)
+        );
+    }
+    lb
+}
+
 fn ms(t: Instant, since: Instant) -> i128 {
     if t >= since {
         t.duration_since(since).as_millis() as i128
@@ -141,7 +158,7 @@ async fn dmz_drain_behind_haproxy_loses_no_session() {
             agent.tail(20)
         );
     }
-    let lb = Lb::start(&pki, &haproxy, port, admins).await;
+    let lb = start_lb(&pki, &haproxy, port, admins).await;
     probe(lb.addr, 0).await.expect("a session through HAProxy");
 
     // The long transfers go through HAProxy to node 1: node 2 is set to drain meanwhile.
@@ -208,7 +225,7 @@ async fn dmz_drain_behind_haproxy_loses_no_session() {
         })
     };
 
-    dmz1.signal(nix::sys::signal::Signal::SIGTERM);
+    dmz1.guard.signal(nix::sys::signal::Signal::SIGTERM);
     let term = Instant::now();
     let not_ready = wait_for(Duration::from_secs(5), || async {
         readyz(admins[0]).await == 503
@@ -230,6 +247,7 @@ async fn dmz_drain_behind_haproxy_loses_no_session() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let exit = dmz1
+        .guard
         .wait_exit(Duration::from_secs(90))
         .await
         .map(|(status, _)| (status, term.elapsed()));
@@ -348,7 +366,7 @@ async fn dmz_drain_behind_haproxy_loses_no_session() {
 async fn dmz_second_signal_exits_at_once_and_sighup_reloads() {
     let _serial = SERIAL.lock().await;
     let pki = Pki::new();
-    let target = TaggedEcho::start(b'T').await;
+    let target = targets::tagged_echo(b'T').await;
     let opts = DmzOptions::default();
     let mut dmz = spawn_dmz_logged(&pki, &opts, &[], "dmz");
     let port = free_port();
@@ -367,7 +385,7 @@ async fn dmz_second_signal_exits_at_once_and_sighup_reloads() {
     )
     .await;
 
-    dmz.signal(nix::sys::signal::Signal::SIGHUP);
+    dmz.guard.signal(nix::sys::signal::Signal::SIGHUP);
     wait_metric(
         opts.admin,
         m::CONFIG_RELOADS,
@@ -385,7 +403,7 @@ async fn dmz_second_signal_exits_at_once_and_sighup_reloads() {
         .round_trip(b"before the signal")
         .await
         .expect("round trip");
-    dmz.signal(nix::sys::signal::Signal::SIGTERM);
+    dmz.guard.signal(nix::sys::signal::Signal::SIGTERM);
     let first = Instant::now();
     let ready = wait_for(Duration::from_secs(5), || async {
         readyz(opts.admin).await == 503
@@ -397,9 +415,10 @@ async fn dmz_second_signal_exits_at_once_and_sighup_reloads() {
         dmz.guard.child.try_wait().expect("try_wait").is_none(),
         "the node exited before the drain delay (5 s by default) with a session in flight"
     );
-    dmz.signal(nix::sys::signal::Signal::SIGTERM);
+    dmz.guard.signal(nix::sys::signal::Signal::SIGTERM);
     let second = Instant::now();
     let (status, took) = dmz
+        .guard
         .wait_exit(Duration::from_secs(5))
         .await
         .unwrap_or_else(|| panic!("no exit after the second SIGTERM\n{}", dmz.tail(10)));

@@ -4,13 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use relay_e2e::haproxy::BINDS;
 use relay_e2e::*;
 use relay_tunnel::metrics as m;
 
 use super::*;
-
-/// Public bind addresses of the two DMZ nodes.
-const BINDS: [[u8; 4]; 2] = [[127, 0, 0, 2], [127, 0, 0, 3]];
 
 /// Opens a session on `public` and checks the target's tag, then closes it cleanly.
 async fn tag_of(public: SocketAddr) -> u8 {
@@ -27,9 +25,9 @@ async fn agent_reload_adds_removes_and_retargets_services() {
     let _serial = SERIAL.lock().await;
     let pki = Pki::new();
     let (ta, tb, tc) = (
-        TaggedEcho::start(b'A').await,
-        TaggedEcho::start(b'B').await,
-        TaggedEcho::start(b'C').await,
+        targets::tagged_echo(b'A').await,
+        targets::tagged_echo(b'B').await,
+        targets::tagged_echo(b'C').await,
     );
     let node = |i: usize| DmzOptions {
         public_bind: Some(std::net::Ipv4Addr::from(BINDS[i]).to_string()),
@@ -129,7 +127,10 @@ async fn agent_reload_adds_removes_and_retargets_services() {
 async fn agent_sighup_reloads_like_post() {
     let _serial = SERIAL.lock().await;
     let pki = Pki::new();
-    let (ta, tb) = (TaggedEcho::start(b'A').await, TaggedEcho::start(b'B').await);
+    let (ta, tb) = (
+        targets::tagged_echo(b'A').await,
+        targets::tagged_echo(b'B').await,
+    );
     let dmz = DmzOptions::default();
     let _dmz = start_dmz(&pki, &dmz).await;
     let (p1, p2) = (free_port(), free_port());
@@ -145,7 +146,7 @@ async fn agent_sighup_reloads_like_post() {
 
     opts.services = vec![first.clone(), second.clone()];
     std::fs::write(&config, opts.toml(&pki)).expect("write agent config");
-    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.guard.signal(nix::sys::signal::Signal::SIGHUP);
     let t = wait_open(addr([127, 0, 0, 1], p2), Duration::from_secs(10)).await;
     println!(
         "agent_sighup_reloads_like_post: SIGHUP added a service, open {} ms later",
@@ -156,7 +157,7 @@ async fn agent_sighup_reloads_like_post() {
 
     // A broken file: nothing changes, the error is counted and logged.
     std::fs::write(&config, "dmz = [\"unterminated\n").expect("write broken config");
-    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.guard.signal(nix::sys::signal::Signal::SIGHUP);
     let counted = wait_for(Duration::from_secs(5), || async {
         reloads("error").await == 1.0
     })
@@ -181,7 +182,7 @@ async fn agent_sighup_reloads_like_post() {
     // Remove a service through SIGHUP.
     opts.services = vec![first];
     std::fs::write(&config, opts.toml(&pki)).expect("write agent config");
-    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.guard.signal(nix::sys::signal::Signal::SIGHUP);
     wait_closed(addr([127, 0, 0, 1], p2), Duration::from_secs(10)).await;
     assert_eq!(tag_of(addr([127, 0, 0, 1], p1)).await, b'A');
     assert_eq!((reloads("ok").await, reloads("error").await), (2.0, 1.0));

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use relay_e2e::*;
 use relay_tunnel::metrics as m;
-use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -26,20 +25,12 @@ fn first_cert(pem: &[u8]) -> Vec<u8> {
 /// The certificate the DMZ tunnel listener presents to a new handshake now (as agent
 /// `engine-2`, with the inbound ALPN).
 async fn served_certificate(pki: &Pki, tunnel: SocketAddr) -> Vec<u8> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(pki.path("ca.pem")).expect("ca.pem") {
-        roots.add(c.expect("CA cert")).expect("add root");
-    }
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(pki.path("engine-2.pem"))
-            .expect("engine-2.pem")
-            .collect::<Result<_, _>>()
-            .expect("agent chain");
-    let key = PrivateKeyDer::from_pem_file(pki.path("engine-2-key.pem")).expect("agent key");
+    let chain = pem::certs(&pki.path("engine-2.pem"));
+    let key = pem::key(&pki.path("engine-2-key.pem"));
     let mut config = rustls::ClientConfig::builder_with_provider(relay_tunnel::tls::provider())
         .with_safe_default_protocol_versions()
         .expect("versions")
-        .with_root_certificates(roots)
+        .with_root_certificates(pem::roots(pki))
         .with_client_auth_cert(chain, key)
         .expect("client cert");
     config.alpn_protocols = vec![relay_tunnel::protocol::ALPN_INBOUND_V1.to_vec()];
@@ -96,7 +87,10 @@ fn agent(identity: &str, dmz: SocketAddr, services: Vec<Service>) -> AgentOption
 async fn dmz_certificate_rotation_applies_to_new_handshakes() {
     let _serial = SERIAL.lock().await;
     let pki = Pki::new();
-    let (ta, tb) = (TaggedEcho::start(b'A').await, TaggedEcho::start(b'B').await);
+    let (ta, tb) = (
+        targets::tagged_echo(b'A').await,
+        targets::tagged_echo(b'B').await,
+    );
     let opts = DmzOptions::default();
     let _dmz = start_dmz(&pki, &opts).await;
     let (p1, p2) = (free_port(), free_port());
@@ -179,7 +173,10 @@ async fn dmz_certificate_rotation_applies_to_new_handshakes() {
 async fn dmz_reload_with_broken_key_keeps_the_old_credentials() {
     let _serial = SERIAL.lock().await;
     let pki = Pki::new();
-    let (ta, tb) = (TaggedEcho::start(b'A').await, TaggedEcho::start(b'B').await);
+    let (ta, tb) = (
+        targets::tagged_echo(b'A').await,
+        targets::tagged_echo(b'B').await,
+    );
     let opts = DmzOptions::default();
     let _dmz = start_dmz(&pki, &opts).await;
     let (p1, p2) = (free_port(), free_port());
@@ -252,7 +249,10 @@ async fn dmz_reload_with_broken_key_keeps_the_old_credentials() {
 async fn dmz_reload_cuts_agents_no_longer_admitted() {
     let _serial = SERIAL.lock().await;
     let pki = Pki::new();
-    let (t1, t2) = (TaggedEcho::start(b'1').await, TaggedEcho::start(b'2').await);
+    let (t1, t2) = (
+        targets::tagged_echo(b'1').await,
+        targets::tagged_echo(b'2').await,
+    );
     let mut opts = DmzOptions {
         agents: Some(vec!["engine-1".into(), "engine-2".into()]),
         ..Default::default()
