@@ -179,3 +179,63 @@ async fn destinations_outside_connect_allow_are_refused_and_counted() {
         "policy denials counted on the DMZ: {denied_count}"
     );
 }
+
+/// Outbound sessions of a mapping pinned with `via` use only the listed DMZ nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn via_pins_an_outbound_mapping_to_its_nodes() {
+    let pki = Pki::new();
+    let partner = targets::http("hello partner\n").await;
+    let allow = vec![format!("127.0.0.1:{}", partner.addr.port())];
+    let dmz1 = DmzOptions {
+        connect_allow: allow.clone(),
+        ..Default::default()
+    };
+    let dmz2 = DmzOptions {
+        connect_allow: allow,
+        ..Default::default()
+    };
+    // Processes, so each node's metrics are its own.
+    let _d1 = spawn_dmz(&pki, &dmz1);
+    let _d2 = spawn_dmz(&pki, &dmz2);
+    let fixed: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut opts = AgentOptions::new(dmz1.tunnel, vec![]);
+    opts.dmz = vec![dmz1.tunnel, dmz2.tunnel];
+    opts.extra = format!(
+        "\n[[outbound]]\nname = \"pinned\"\nlisten = \"{fixed}\"\ntarget = \"{}\"\nvia = [\"{}\"]\n",
+        partner.addr, dmz2.tunnel
+    );
+    let _agent = start_agent(&pki, &opts).await;
+    // Both nodes connected (inbound and outbound carriers on each).
+    for node in [dmz1.admin, dmz2.admin] {
+        wait_for(Duration::from_secs(15), || async move {
+            metric(
+                &metrics_text(node).await,
+                "relay_tunnels_connected",
+                &["agent=\"engine-1\""],
+            ) == Some(4.0)
+        })
+        .await
+        .expect("agent connected to both nodes");
+    }
+    for _ in 0..6 {
+        let (code, body) = curl(vec![format!("http://{fixed}/")]).await;
+        assert_eq!((code, body.as_str()), (0, "hello partner\n"));
+    }
+    let outbound = |text: &str| {
+        metric(
+            text,
+            "relay_sessions_total",
+            &["service=\"pinned\"", "result=\"ok\""],
+        )
+    };
+    assert_eq!(
+        outbound(&metrics_text(dmz1.admin).await),
+        None,
+        "node 1 is not in via: no session"
+    );
+    assert_eq!(
+        outbound(&metrics_text(dmz2.admin).await),
+        Some(6.0),
+        "node 2 carried every session"
+    );
+}
