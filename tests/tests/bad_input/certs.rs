@@ -3,12 +3,9 @@
 //! and a certificate revoked while its tunnel is up (CRL reloaded). Each is refused with a log
 //! line and a counted reason; other agents' listeners are unaffected.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use relay_certs::{Ca, LeafSpec, Usage};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::*;
 
@@ -31,19 +28,6 @@ fn issue(pki: &Pki, name: &str, edit: impl FnOnce(&mut LeafSpec)) {
     let leaf = dev_ca(pki).issue(&spec).expect("issue");
     pki.write(&format!("{name}.pem"), &leaf.cert_pem);
     pki.write(&format!("{name}-key.pem"), &leaf.key_pem);
-}
-
-/// Asserts that `addr` refuses every connection for `period`.
-async fn stays_closed(addr: SocketAddr, period: Duration, what: &str) {
-    let start = std::time::Instant::now();
-    while start.elapsed() < period {
-        assert!(
-            !accepts(addr).await,
-            "{what}: {addr} opened after {:?}",
-            start.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Starts agent `identity` (in-process) for a service on a fresh port and checks the DMZ
@@ -81,7 +65,7 @@ async fn assert_refused(pki: &Pki, dmz: &Dmz, identity: &str, why: &[&str]) {
         why.iter().any(|w| lower.contains(&w.to_lowercase())),
         "{identity}: the DMZ's reason should mention one of {why:?}: {line}"
     );
-    stays_closed(local(port), STAYS_CLOSED, identity).await;
+    assert_stays_closed(local(port), STAYS_CLOSED, identity).await;
     assert_eq!(echo.accepted(), 0);
     drop(agent);
 }
@@ -188,35 +172,6 @@ async fn expired_crl_refuses_every_agent() {
     assert!(alive(dmz.pid()));
 }
 
-/// `POST path` on an admin endpoint: status code and body.
-async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect admin");
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
-        .await
-        .expect("admin answer in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// engine-1 is connected; its certificate is revoked in the CRL file and the DMZ reloads
 /// (`POST /reload`): engine-1's tunnel is cut, its listener closes and stays closed (its
 /// reconnects are refused as revoked), while engine-2 keeps its listener and sessions.
@@ -237,7 +192,9 @@ async fn crl_reload_cuts_a_revoked_agent() {
         .expect("CRL");
     pki.write("live.crl.pem", &crl);
     let before = dmz.rejections("tls_handshake").await;
-    let (status, body) = http_post(dmz.opts.admin, "/reload").await;
+    let (status, body) = http_post(dmz.opts.admin, "/reload", LIMIT)
+        .await
+        .expect("admin answer in time");
     println!("POST /reload: {status} {}", body.trim());
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("1 tunnel(s) cut"), "{body}");
@@ -257,7 +214,7 @@ async fn crl_reload_cuts_a_revoked_agent() {
     println!(
         "relay_rejections_total{{reason=\"tls_handshake\"}} {before} -> {n}; DMZ log: {refusal}"
     );
-    stays_closed(engine1.public, STAYS_CLOSED, "revoked engine-1").await;
+    assert_stays_closed(engine1.public, STAYS_CLOSED, "revoked engine-1").await;
     engine2.check("after engine-1 was revoked").await;
     assert_eq!(
         dmz.proc.count_lines(&["agent tunnel down", "engine-2"]),

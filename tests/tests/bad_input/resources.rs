@@ -19,9 +19,9 @@ struct Sample {
 
 fn sample(pid: u32) -> Sample {
     Sample {
-        fds: fd_count(pid),
+        fds: procfs::fd_count(pid),
         threads: threads(pid),
-        rss: rss_bytes(pid),
+        rss: procfs::rss_bytes(pid).unwrap_or(0),
     }
 }
 
@@ -179,7 +179,7 @@ async fn never_reading_target_stalls_a_1gib_upload_with_bounded_memory() {
     );
     opts.connections = 1;
     let path = pki.write("agent-deaf.toml", &opts.toml(&pki));
-    let agent = Logged::spawn("relay-internal", &path);
+    let agent = Captured::spawn("relay-internal", &path);
     wait_open(local(deaf_port), LIMIT).await;
     wait_open(local(echo_port), LIMIT).await;
     // Warm up both processes with a session each way before the baseline.
@@ -187,7 +187,10 @@ async fn never_reading_target_stalls_a_1gib_upload_with_bounded_memory() {
         legit_works(local(echo_port), &format!("warm-up {i}")).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (dmz_before, agent_before) = (rss_bytes(dmz.pid()), rss_bytes(agent.pid()));
+    let (dmz_before, agent_before) = (
+        procfs::rss_bytes(dmz.pid()).unwrap_or(0),
+        procfs::rss_bytes(agent.pid()).unwrap_or(0),
+    );
 
     let mut partner = TcpStream::connect(local(deaf_port)).await.unwrap();
     let chunk = vec![0x5a_u8; 64 * 1024];
@@ -206,7 +209,10 @@ async fn never_reading_target_stalls_a_1gib_upload_with_bounded_memory() {
     let stalled_at = start.elapsed();
     // While stalled, another session through the same tunnel works.
     let other = legit_works(local(echo_port), "while the upload is stalled").await;
-    let (dmz_after, agent_after) = (rss_bytes(dmz.pid()), rss_bytes(agent.pid()));
+    let (dmz_after, agent_after) = (
+        procfs::rss_bytes(dmz.pid()).unwrap_or(0),
+        procfs::rss_bytes(agent.pid()).unwrap_or(0),
+    );
     println!(
         "upload to a deaf target stalled: {stalled} after {:.1} MiB in {stalled_at:.1?} (blocked for {STALL:?}); other session echo in {other:?}; DMZ RSS {:.1} -> {:.1} MiB, agent RSS {:.1} -> {:.1} MiB",
         sent as f64 / MIB,

@@ -41,7 +41,7 @@ impl Scene {
         )
         .await;
         let legit = Legit::start(&pki, dmz.opts.tunnel).await;
-        let rss_before = rss_bytes(dmz.pid());
+        let rss_before = procfs::rss_bytes(dmz.pid()).unwrap_or(0);
         Scene {
             pki,
             dmz,
@@ -105,9 +105,9 @@ impl Scene {
             downs,
             0,
             "engine-1's tunnel went down after {what}:\n{}",
-            tail(&self.dmz.proc.text(), 40)
+            self.dmz.proc.tail(40)
         );
-        let rss = rss_bytes(self.dmz.pid());
+        let rss = procfs::rss_bytes(self.dmz.pid()).unwrap_or(0);
         println!(
             "{what}: DMZ RSS {:.1} -> {:.1} MiB",
             self.rss_before as f64 / MIB,

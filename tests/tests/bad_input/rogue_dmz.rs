@@ -42,7 +42,7 @@ impl Drop for RogueDmz {
 impl RogueDmz {
     async fn start(pki: &Pki) -> RogueDmz {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots(pki)),
+            Arc::new(pem::roots(pki)),
             provider(),
         )
         .build()
@@ -52,8 +52,8 @@ impl RogueDmz {
             .expect("versions")
             .with_client_cert_verifier(verifier)
             .with_single_cert(
-                read_certs(&pki.path("dmz.pem")),
-                read_key(&pki.path("dmz-key.pem")),
+                pem::certs(&pki.path("dmz.pem")),
+                pem::key(&pki.path("dmz-key.pem")),
             )
             .expect("DMZ certificate");
         config.alpn_protocols = vec![ALPN_INBOUND_V1.to_vec()];
@@ -110,7 +110,7 @@ struct Scene {
     _pki: Pki,
     dmz: Dmz,
     rogue: RogueDmz,
-    agent: Logged,
+    agent: Captured,
     target: CountingEcho,
     /// A listener on this machine that is not in the agent's config.
     forbidden: CountingEcho,
@@ -132,7 +132,7 @@ impl Scene {
         opts.dmz.push(rogue.addr);
         opts.connections = 1;
         let path = pki.write("agent-with-rogue.toml", &opts.toml(&pki));
-        let agent = Logged::spawn("relay-internal", &path);
+        let agent = Captured::spawn("relay-internal", &path);
         wait_open(local(port), LIMIT).await;
         legit_works(local(port), "through the real DMZ at start").await;
         Scene {
@@ -334,7 +334,7 @@ async fn rogue_dmz_stream_floods_are_cut_off_and_other_tunnels_unaffected() {
     let _serial = exclusive().await;
     let mut scene = Scene::start().await;
     let meta = scene.meta();
-    let rss_before = rss_bytes(scene.agent.pid());
+    let rss_before = procfs::rss_bytes(scene.agent.pid()).unwrap_or(0);
 
     // Rapid reset, toward the real service (each accepted stream would dial the target).
     let conn = RawConn::start(scene.rogue.next().await, Role::Client);
@@ -403,7 +403,7 @@ async fn rogue_dmz_stream_floods_are_cut_off_and_other_tunnels_unaffected() {
         .await;
     let stats = conn.stats();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_after = rss_bytes(scene.agent.pid());
+    let rss_after = procfs::rss_bytes(scene.agent.pid()).unwrap_or(0);
     println!(
         "rogue DMZ, 20,000 streams for an unknown service: settled: {settled} after {:.1?}; {}; agent log lines \"session stream refused\": {}; agent RSS {:.1} -> {:.1} MiB",
         start.elapsed(),

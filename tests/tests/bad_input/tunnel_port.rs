@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use relay_e2e::pattern::Pattern;
 use relay_tunnel::protocol::{
     self, ALPN_INBOUND_V1, Registration, RegistrationAnswer, ServiceDecl,
 };
@@ -15,27 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 
-/// `n` bytes of a seeded splitmix64 stream.
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
 /// The first flight of a rustls client limited to `versions`: a ClientHello record.
 fn client_hello(pki: &Pki, versions: &[&'static rustls::SupportedProtocolVersion]) -> Vec<u8> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .expect("versions")
-        .with_root_certificates(roots(pki))
+        .with_root_certificates(pem::roots(pki))
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_INBOUND_V1.to_vec()];
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -76,7 +62,10 @@ async fn garbage_on_the_tunnel_port_is_closed_and_counted() {
     let before = dmz.rejections("tls_handshake").await;
 
     let inputs = [
-        ("4 KiB of random bytes", random_bytes(4096, 7)),
+        (
+            "4 KiB of random bytes",
+            Pattern::new(7, 4096).next_chunk().expect("4 KiB").to_vec(),
+        ),
         (
             "an HTTP request",
             b"GET / HTTP/1.1\r\nHost: relay\r\nUser-Agent: curl\r\n\r\n".to_vec(),
