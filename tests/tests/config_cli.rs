@@ -404,7 +404,8 @@ fn several_problems_are_all_listed() {
         "inbound[0].listen: ",
         "inbound[1].name: ",
         "connections: ",
-        "tls.cert: ",
+        // The key file is the one missing, so the problem is reported at its key.
+        "tls.key: ",
     ] {
         assert!(
             lines.iter().any(|l| l.starts_with(key)),
