@@ -228,21 +228,10 @@ impl Registry {
             } else {
                 self.admit(&mut inner, agent, decl)
             };
-            match verdict {
-                Ok(()) => {
-                    accepted.push(decl.name.clone());
-                    verdicts.push(ServiceVerdict {
-                        name: decl.name.clone(),
-                        accepted: true,
-                        reason: None,
-                    });
-                }
-                Err(reason) => verdicts.push(ServiceVerdict {
-                    name: decl.name.clone(),
-                    accepted: false,
-                    reason: Some(reason),
-                }),
+            if verdict.is_ok() {
+                accepted.push(decl.name.clone());
             }
+            verdicts.push(ServiceVerdict::of(&decl.name, verdict));
         }
         let reservation = Reservation {
             registry: self.clone(),
@@ -388,11 +377,7 @@ impl Registry {
         let Some(old) = inner.carrier_services.get(&carrier.id).cloned() else {
             let verdicts = decls
                 .iter()
-                .map(|d| ServiceVerdict {
-                    name: d.name.clone(),
-                    accepted: false,
-                    reason: Some("tunnel is draining".into()),
-                })
+                .map(|d| ServiceVerdict::of(&d.name, Err("tunnel is draining".into())))
                 .collect();
             return (RegistrationAnswer { services: verdicts }, Vec::new());
         };
@@ -432,21 +417,10 @@ impl Registry {
                 self.admit(&mut inner, &carrier.agent, decl)
                     .map(|()| start.extend(attach(&mut inner, &decl.name, carrier)))
             };
-            match verdict {
-                Ok(()) => {
-                    names.push(decl.name.clone());
-                    verdicts.push(ServiceVerdict {
-                        name: decl.name.clone(),
-                        accepted: true,
-                        reason: None,
-                    });
-                }
-                Err(reason) => verdicts.push(ServiceVerdict {
-                    name: decl.name.clone(),
-                    accepted: false,
-                    reason: Some(reason),
-                }),
+            if verdict.is_ok() {
+                names.push(decl.name.clone());
             }
+            verdicts.push(ServiceVerdict::of(&decl.name, verdict));
         }
         // A kept service whose new declaration was refused is released too.
         for name in kept.iter().filter(|n| !names.contains(n)) {

@@ -74,6 +74,17 @@ pub struct ServiceVerdict {
     pub reason: Option<String>,
 }
 
+impl ServiceVerdict {
+    /// The verdict on service `name`: accepted, or rejected with the reason.
+    pub fn of(name: &str, result: Result<(), String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            accepted: result.is_ok(),
+            reason: result.err(),
+        }
+    }
+}
+
 /// The DMZ's answer to a [`Registration`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
