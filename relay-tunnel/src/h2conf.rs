@@ -27,7 +27,7 @@ pub const READ_BUFFER: usize = 64 * 1024;
 /// How long an answer may take beyond the connect timeout it covers (tunnel round trips).
 pub const ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
-/// HTTP/2 client settings (the DMZ on an inbound carrier).
+/// HTTP/2 client settings (the DMZ on an inbound carrier, the agent on an outbound one).
 pub fn client() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
@@ -41,7 +41,7 @@ pub fn client() -> h2::client::Builder {
     b
 }
 
-/// HTTP/2 server settings (the agent on an inbound carrier).
+/// HTTP/2 server settings (the agent on an inbound carrier, the DMZ on an outbound one).
 pub fn server() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
