@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use relay_tunnel::admin;
 use relay_tunnel::net::bind_reuse;
+use relay_tunnel::shards::{ShardHandles, Shards};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -113,6 +114,8 @@ pub struct Node {
     pub(crate) sessions_cancel: CancellationToken,
     pub(crate) listeners: TaskTracker,
     pub(crate) tunnels_cancel: CancellationToken,
+    /// Where tunnel connections run (each with its sessions' pumps).
+    pub(crate) shards: ShardHandles,
     pub(crate) policy: std::sync::RwLock<Arc<Policy>>,
     pub(crate) live: std::sync::Mutex<std::collections::HashMap<u64, LiveTunnel>>,
     config: std::sync::Mutex<DmzConfig>,
@@ -154,6 +157,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let metrics = relay_tunnel::telemetry::metrics_handle();
+    // Stopped when this function returns, after every tunnel and session has ended.
+    let shards = Shards::per_core("relay-dmz-shard")?;
     let node = Arc::new(Node {
         registry: Registry::new(
             config.public_bind,
@@ -171,6 +176,7 @@ pub async fn run(
         sessions_cancel: CancellationToken::new(),
         listeners: TaskTracker::new(),
         tunnels_cancel: CancellationToken::new(),
+        shards: shards.handles(),
         policy: std::sync::RwLock::new(Arc::new(Policy::from_config(&config))),
         live: Default::default(),
         config: std::sync::Mutex::new(config),
@@ -211,12 +217,23 @@ pub async fn run(
         else {
             break;
         };
+        // The tunnel connection moves to its shard: its socket is registered there.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
         let node = node.clone();
-        tunnels.spawn(async move {
-            // The permit bounds handshakes in progress; the tunnel lets it go once the agent
-            // is authenticated and registered.
-            tunnel::serve(stream, peer, node, permit).await;
-        });
+        let shard = node.shards.next().clone();
+        tunnels.spawn_on(
+            async move {
+                let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                    return;
+                };
+                // The permit bounds handshakes in progress; the tunnel lets it go once the
+                // agent is authenticated and registered.
+                tunnel::serve(stream, peer, node, permit).await;
+            },
+            &shard,
+        );
     }
 
     tracing::info!(
@@ -246,6 +263,7 @@ pub async fn run(
     if let Some(task) = admin_task {
         let _ = task.await;
     }
+    drop(shards);
     tracing::info!("stopped");
     Ok(())
 }

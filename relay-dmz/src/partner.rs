@@ -309,14 +309,15 @@ async fn relay(
     active.increment(1.0);
     let counters = PumpCounters::partner_socket(service);
     let started = Instant::now();
-    let (moved, result) = pump::pump(
+    let (moved, result) = pump::pump_on(
+        &carrier.runtime,
         partner,
         prefix,
         send,
         recv,
-        &counters,
+        counters,
         node.limits.pump(),
-        &node.sessions_cancel,
+        node.sessions_cancel.clone(),
     )
     .await;
     active.decrement(1.0);

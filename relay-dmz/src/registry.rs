@@ -41,6 +41,8 @@ pub struct Carrier {
     pub active: AtomicUsize,
     /// Messages for the agent's control stream (audit records of refused partners).
     pub control: tokio::sync::mpsc::Sender<DmzMessage>,
+    /// The shard this tunnel connection runs on: its sessions' pumps run there too.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// How a service admits partners.

@@ -154,6 +154,7 @@ pub async fn serve(
         send,
         active: Default::default(),
         control: outbox,
+        runtime: tokio::runtime::Handle::current(),
     });
     let guard = CarrierGuard {
         node: &node,

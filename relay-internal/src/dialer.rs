@@ -12,6 +12,7 @@ use relay_tunnel::protocol::{
 use relay_tunnel::{h2conf, keepalive, metrics as m};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::Agent;
@@ -185,7 +186,8 @@ async fn serve_inbound(
                     match changes.take() {
                         Some(changes) => {
                             let task = control::serve(agent.clone(), node.addr.clone(), index, changes, request, respond);
-                            _control_task = Some(AbortOnDrop(tokio::spawn(task.in_current_span())));
+                            // Aborted when dropped: the control task ends with the tunnel.
+                            _control_task = Some(AbortOnDropHandle::new(tokio::spawn(task.in_current_span())));
                         }
                         None => {
                             let mut refused = http::Response::new(());
@@ -240,6 +242,7 @@ async fn serve_outbound(
             id,
             send,
             active: Default::default(),
+            runtime: tokio::runtime::Handle::current(),
         }),
     );
     *was_up = true;
@@ -265,15 +268,6 @@ async fn serve_outbound(
         let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
     }
     Ok(ended)
-}
-
-/// Aborts a task when dropped (the control task of a tunnel ends with the tunnel).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Logs the DMZ's verdicts; connection `index` 0 speaks for all at warn level.

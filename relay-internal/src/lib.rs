@@ -21,6 +21,7 @@ use relay_tunnel::admin;
 use relay_tunnel::metrics as m;
 use relay_tunnel::net::bind_reuse;
 use relay_tunnel::protocol::Registration;
+use relay_tunnel::shards::Shards;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
@@ -204,6 +205,10 @@ pub async fn run(
         None => None,
     };
 
+    // Each tunnel connection runs on a shard, with the sessions it carries; the shards stop
+    // when this function returns, after every tunnel and session has ended.
+    let shards = Shards::per_core("relay-internal-shard")?;
+    let shard = shards.handles();
     let tunnels = TaskTracker::new();
     let kinds: &[dialer::Kind] = if config.has_outbound() {
         &[dialer::Kind::Inbound, dialer::Kind::Outbound]
@@ -213,13 +218,10 @@ pub async fn run(
     for (node_idx, node) in config.dmz.iter().enumerate() {
         for index in 0..config.connections {
             for &kind in kinds {
-                tunnels.spawn(dialer::maintain(
-                    agent.clone(),
-                    node_idx,
-                    node.clone(),
-                    index,
-                    kind,
-                ));
+                tunnels.spawn_on(
+                    dialer::maintain(agent.clone(), node_idx, node.clone(), index, kind),
+                    shard.next(),
+                );
             }
         }
     }
@@ -261,6 +263,7 @@ pub async fn run(
     if let Some(task) = admin_task {
         let _ = task.await;
     }
+    drop(shards);
     tracing::info!("stopped");
     Ok(())
 }

@@ -150,14 +150,15 @@ pub async fn relay(
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::OUTBOUND);
     active.increment(1.0);
     let counters = PumpCounters::target_socket(service);
-    let (moved, result) = pump::pump(
+    let (moved, result) = pump::pump_on(
+        &opened.lease.carrier().runtime,
         engine,
         prefix,
         opened.send,
         opened.recv,
-        &counters,
+        counters,
         agent.limits.pump(),
-        &agent.stop_sessions,
+        agent.stop_sessions.clone(),
     )
     .await;
     active.decrement(1.0);

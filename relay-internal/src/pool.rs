@@ -15,6 +15,8 @@ pub struct OutCarrier {
     pub send: h2::client::SendRequest<Bytes>,
     /// Sessions it carries now.
     pub active: AtomicUsize,
+    /// The shard it runs on: its sessions' pumps run there too.
+    pub runtime: tokio::runtime::Handle,
 }
 
 #[derive(Debug, Default)]

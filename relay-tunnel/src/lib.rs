@@ -16,6 +16,7 @@ pub mod protocol;
 pub mod proxyproto;
 pub mod pump;
 pub mod ratelog;
+pub mod shards;
 pub mod signals;
 pub mod telemetry;
 pub mod tls;

@@ -16,6 +16,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::h2conf::READ_BUFFER;
 use crate::metrics as m;
@@ -183,6 +185,44 @@ pub async fn pump(
         to_socket: to_socket.into_inner(),
     };
     (moved, result)
+}
+
+/// [`pump`] on `runtime`, the shard of the stream's tunnel connection, so that the pump and
+/// the HTTP/2 connection task it trades frames with share a thread (see [`crate::shards`]).
+/// The socket moves to that runtime's event loop first (the caller runs on another runtime:
+/// the one that accepted the socket). The caller waits for the result; if it stops waiting,
+/// the pump is aborted.
+#[allow(clippy::too_many_arguments)]
+pub async fn pump_on(
+    runtime: &tokio::runtime::Handle,
+    tcp: TcpStream,
+    prefix: Bytes,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    counters: PumpCounters,
+    limits: PumpLimits,
+    stop: CancellationToken,
+) -> (Transferred, Result<(), PumpError>) {
+    let tcp = match tcp.into_std() {
+        Ok(tcp) => tcp,
+        Err(e) => return (Transferred::default(), Err(PumpError::Socket(e))),
+    };
+    let task = AbortOnDropHandle::new(
+        runtime.spawn(
+            async move {
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => pump(tcp, prefix, send, recv, &counters, limits, &stop).await,
+                    Err(e) => (Transferred::default(), Err(PumpError::Socket(e))),
+                }
+            }
+            .in_current_span(),
+        ),
+    );
+    match task.await {
+        Ok(result) => result,
+        // Cancelled (its runtime shut down) or panicked.
+        Err(_) => (Transferred::default(), Err(PumpError::Stopped)),
+    }
 }
 
 async fn socket_to_stream(
