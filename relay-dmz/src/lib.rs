@@ -222,9 +222,11 @@ pub async fn run(
             continue;
         };
         let node = node.clone();
-        let shard = node.shards.next().clone();
+        let placement = node.shards.least_loaded();
+        let shard = placement.handle().clone();
         tunnels.spawn_on(
             async move {
+                let _placement = placement;
                 let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                     return;
                 };

@@ -37,16 +37,43 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                 let policy = listener.policy();
                 let session_id = protocol::new_session_id();
                 let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::INBOUND, %peer, partner = tracing::field::Empty);
-                node.sessions.spawn(
-                    async move {
-                        let (outcome, partner) = admit_and_relay(&node2, stream, peer, &service, &policy, session_id.clone()).await;
-                        if matches!(outcome, "source_denied" | "limit" | "no_agent" | "proxy_header") {
-                            tell_an_agent(&node2, &service, session_id, partner, outcome);
-                        }
-                        metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::INBOUND, "result" => outcome).increment(1);
+                // The session runs on the shard of the tunnel likely to carry it, so that its
+                // pump and that tunnel's connection task share a thread.
+                let shard = node.registry.shard_for(&service);
+                let session = async move |stream| {
+                    let (outcome, partner) = admit_and_relay(
+                        &node2,
+                        stream,
+                        peer,
+                        &service,
+                        &policy,
+                        session_id.clone(),
+                    )
+                    .await;
+                    if matches!(
+                        outcome,
+                        "source_denied" | "limit" | "no_agent" | "proxy_header"
+                    ) {
+                        tell_an_agent(&node2, &service, session_id, partner, outcome);
                     }
-                    .instrument(span),
-                );
+                    metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::INBOUND, "result" => outcome).increment(1);
+                };
+                let Some(shard) = shard else {
+                    node.sessions.spawn(session(stream).instrument(span));
+                    continue;
+                };
+                // A socket that cannot be detached is closed.
+                if let Ok(stream) = stream.into_std() {
+                    node.sessions.spawn_on(
+                        async move {
+                            if let Ok(stream) = TcpStream::from_std(stream) {
+                                session(stream).await;
+                            }
+                        }
+                        .instrument(span),
+                        &shard,
+                    );
+                }
             }
             Some(Err(e)) => {
                 tracing::warn!(service = %listener.service, error = %e, "accept failed");
@@ -309,17 +336,33 @@ async fn relay(
     active.increment(1.0);
     let counters = PumpCounters::partner_socket(service);
     let started = Instant::now();
-    let (moved, result) = pump::pump_on(
-        &carrier.runtime,
-        partner,
-        prefix,
-        send,
-        recv,
-        counters,
-        node.limits.pump(),
-        node.sessions_cancel.clone(),
-    )
-    .await;
+    let (moved, result) = if tokio::runtime::Handle::current().id() == carrier.runtime.id() {
+        let stop = &node.sessions_cancel;
+        pump::pump(
+            partner,
+            prefix,
+            send,
+            recv,
+            &counters,
+            node.limits.pump(),
+            stop,
+        )
+        .await
+    } else {
+        // Another tunnel than the one expected at accept time carries it: hop to its shard.
+        let stop = node.sessions_cancel.clone();
+        pump::pump_on(
+            &carrier.runtime,
+            partner,
+            prefix,
+            send,
+            recv,
+            counters,
+            node.limits.pump(),
+            stop,
+        )
+        .await
+    };
     active.decrement(1.0);
     carrier.active.fetch_sub(1, Ordering::Relaxed);
     metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());

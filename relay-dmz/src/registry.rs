@@ -484,6 +484,17 @@ impl Registry {
         ordered
     }
 
+    /// The shard of the least busy tunnel serving `service` now: where a new partner
+    /// session of it should run (see [`relay_tunnel::shards`]).
+    pub fn shard_for(&self, service: &str) -> Option<tokio::runtime::Handle> {
+        let inner = lock(&self.inner);
+        let carriers = &inner.services.get(service)?.carriers;
+        carriers
+            .iter()
+            .min_by_key(|c| c.active.load(Ordering::Relaxed))
+            .map(|c| c.runtime.clone())
+    }
+
     /// How many tunnels are registered.
     pub fn tunnels(&self) -> usize {
         lock(&self.inner).carrier_services.len()

@@ -215,12 +215,22 @@ pub async fn run(
     } else {
         &[dialer::Kind::Inbound]
     };
-    for (node_idx, node) in config.dmz.iter().enumerate() {
-        for index in 0..config.connections {
-            for &kind in kinds {
+    // Inbound carriers start first, so that a DMZ node (which places each tunnel connection
+    // on its least loaded shard) tends to spread them before the outbound ones arrive.
+    for &kind in kinds {
+        for (node_idx, node) in config.dmz.iter().enumerate() {
+            for index in 0..config.connections {
+                // Connection `index` to every node runs on shard `index`.
+                let placement = shard.by_index(index);
+                let runtime = placement.handle().clone();
+                let agent = agent.clone();
+                let node = node.clone();
                 tunnels.spawn_on(
-                    dialer::maintain(agent.clone(), node_idx, node.clone(), index, kind),
-                    shard.next(),
+                    async move {
+                        let _placement = placement;
+                        dialer::maintain(agent, node_idx, node, index, kind).await;
+                    },
+                    &runtime,
                 );
             }
         }

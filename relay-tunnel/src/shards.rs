@@ -21,23 +21,39 @@ pub struct Shards {
     stop: CancellationToken,
 }
 
-/// Where to spawn work: cheap to clone, round robin over the shards.
+/// Where to spawn work: cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ShardHandles {
-    handles: Arc<[Handle]>,
-    next: Arc<AtomicUsize>,
+    shards: Arc<[Shard]>,
+}
+
+#[derive(Debug)]
+struct Shard {
+    handle: Handle,
+    /// Tunnel connections placed here and not yet ended.
+    load: Arc<AtomicUsize>,
+}
+
+/// Counts a tunnel connection on its shard until dropped.
+#[derive(Debug)]
+pub struct Placement {
+    handle: Handle,
+    load: Arc<AtomicUsize>,
 }
 
 impl Shards {
     /// Starts `count` shards (at least one), each a thread named `name-N`.
     pub fn start(name: &str, count: usize) -> io::Result<Self> {
         let stop = CancellationToken::new();
-        let mut handles = Vec::new();
+        let mut shards = Vec::new();
         for i in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            handles.push(runtime.handle().clone());
+            shards.push(Shard {
+                handle: runtime.handle().clone(),
+                load: Arc::default(),
+            });
             let stopped = stop.clone();
             let started = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
@@ -49,8 +65,7 @@ impl Shards {
         }
         Ok(Self {
             handles: ShardHandles {
-                handles: handles.into(),
-                next: Arc::default(),
+                shards: shards.into(),
             },
             stop,
         })
@@ -77,19 +92,113 @@ impl Drop for Shards {
 }
 
 impl ShardHandles {
-    /// The shard for the next tunnel connection.
-    pub fn next(&self) -> &Handle {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        &self.handles[i]
+    /// The shard with the fewest tunnel connections now (the first of them on a tie).
+    pub fn least_loaded(&self) -> Placement {
+        let shard = self
+            .shards
+            .iter()
+            .min_by_key(|s| s.load.load(Ordering::Relaxed))
+            .expect("there is at least one shard");
+        Self::place(shard)
+    }
+
+    /// Shard `index` modulo the number of shards: a fixed spread, for connections whose
+    /// indexes are known up front.
+    pub fn by_index(&self, index: usize) -> Placement {
+        Self::place(&self.shards[index % self.shards.len()])
+    }
+
+    fn place(shard: &Shard) -> Placement {
+        shard.load.fetch_add(1, Ordering::Relaxed);
+        Placement {
+            handle: shard.handle.clone(),
+            load: shard.load.clone(),
+        }
     }
 
     /// How many shards there are.
     pub fn len(&self) -> usize {
-        self.handles.len()
+        self.shards.len()
     }
 
     /// Never true: there is at least one shard.
     pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
+        self.shards.is_empty()
+    }
+}
+
+impl Placement {
+    /// The runtime to spawn the connection on.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        self.load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_loaded_spreads_and_takes_back_ended_connections() {
+        let shards = Shards::start("test-shard", 2).unwrap();
+        let h = shards.handles();
+        let a = h.least_loaded();
+        let b = h.least_loaded();
+        assert_ne!(
+            a.handle().id(),
+            b.handle().id(),
+            "two connections, two shards"
+        );
+        let c = h.least_loaded();
+        assert_eq!(
+            c.handle().id(),
+            a.handle().id(),
+            "a tie goes to the first shard"
+        );
+        drop(b);
+        let d = h.least_loaded();
+        let b_shard = h.by_index(1);
+        assert_eq!(
+            d.handle().id(),
+            b_shard.handle().id(),
+            "the shard that lost one gets the next"
+        );
+    }
+
+    #[test]
+    fn by_index_wraps_and_tasks_run_on_the_shard_thread() {
+        let shards = Shards::start("test-shard", 3).unwrap();
+        let h = shards.handles();
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.by_index(4).handle().id(), h.by_index(1).handle().id());
+        let (tx, rx) = std::sync::mpsc::channel();
+        h.by_index(2).handle().spawn(async move {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+        });
+        let name = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(name.as_deref(), Some("test-shard-2"));
+    }
+
+    #[test]
+    fn dropping_the_shards_stops_their_threads() {
+        let shards = Shards::start("test-shard", 1).unwrap();
+        let placement = shards.handles().by_index(0);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        // Held by a task that never ends: dropped when its runtime stops.
+        placement.handle().spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await
+        });
+        drop(shards);
+        assert!(matches!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        ));
     }
 }
