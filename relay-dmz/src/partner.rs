@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use h2::RecvStream;
 use http::{Method, Request, StatusCode};
 use relay_tunnel::metrics as m;
-use relay_tunnel::protocol::{self, HEADER_REASON, Refusal, SessionMeta};
+use relay_tunnel::protocol::{self, Refusal, SessionMeta};
 use relay_tunnel::proxyproto;
 use relay_tunnel::pump::{self, PumpCounters};
 use tokio::net::TcpStream;
@@ -312,13 +312,7 @@ async fn open(
         return Ok((send, response.into_body()));
     }
     send.send_reset(h2::Reason::CANCEL);
-    let reason = response
-        .headers()
-        .get(HEADER_REASON)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let refusal = Refusal::from_status(response.status()).unwrap_or(Refusal::BadRequest);
+    let (refusal, reason) = Refusal::of_answer(&response);
     Err(OpenError::Refused(refusal, reason))
 }
 

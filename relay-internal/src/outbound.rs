@@ -11,7 +11,7 @@ use relay_tunnel::h2conf::ANSWER_MARGIN;
 use relay_tunnel::metrics as m;
 use relay_tunnel::net;
 use relay_tunnel::protocol::{
-    self, HEADER_CONNECT_TIMEOUT, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal,
+    self, HEADER_CONNECT_TIMEOUT, HEADER_SERVICE, HEADER_SESSION, Refusal,
 };
 use relay_tunnel::pump::{self, PumpCounters};
 use tokio::net::{TcpListener, TcpStream};
@@ -121,16 +121,7 @@ async fn request(
         return Ok((send, response.into_body()));
     }
     send.send_reset(h2::Reason::CANCEL);
-    let reason = response
-        .headers()
-        .get(HEADER_REASON)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    Err((
-        Refusal::from_status(response.status()).unwrap_or(Refusal::BadRequest),
-        reason,
-    ))
+    Err(Refusal::of_answer(&response))
 }
 
 /// Pumps an opened outbound session with the engine's connection and writes its audit

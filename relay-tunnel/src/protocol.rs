@@ -34,6 +34,15 @@ pub const HEADER_CONNECT_TIMEOUT: &str = "relay-connect-timeout-ms";
 /// Header of a non-200 answer: one line saying why the session was refused.
 pub const HEADER_REASON: &str = "relay-reason";
 
+/// The `relay-reason` text of an answer, empty when absent or not text.
+pub fn reason(headers: &http::HeaderMap) -> String {
+    headers
+        .get(HEADER_REASON)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// One `[[inbound]]` service as the agent declares it to the DMZ.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -356,6 +365,13 @@ impl Refusal {
             403 => Refusal::PolicyDenied,
             _ => return None,
         })
+    }
+
+    /// The refusal a non-200 session answer stands for (an unknown status counts as 400), and
+    /// its `relay-reason` text (empty when absent).
+    pub fn of_answer<B>(answer: &http::Response<B>) -> (Self, String) {
+        let refusal = Self::from_status(answer.status()).unwrap_or(Refusal::BadRequest);
+        (refusal, reason(answer.headers()))
     }
 
     /// The metric label of this outcome.

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use relay_tunnel::protocol::{
-    self, ALPN_INBOUND_V1, HEADER_REASON, Registration, RegistrationAnswer, ServiceVerdict,
-    SessionMeta,
+    self, ALPN_INBOUND_V1, Registration, RegistrationAnswer, ServiceVerdict, SessionMeta,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -186,12 +185,7 @@ async fn ask(
         .await
         .expect("the agent did not answer in time")
         .expect("response");
-    let reason = response
-        .headers()
-        .get(HEADER_REASON)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let reason = protocol::reason(response.headers());
     (response.status(), reason, stream, response.into_body())
 }
 

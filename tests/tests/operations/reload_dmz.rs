@@ -83,40 +83,90 @@ fn agent(identity: &str, dmz: SocketAddr, services: Vec<Service>) -> AgentOption
     opts
 }
 
+/// A DMZ node and agent `engine-1` serving `PREFIX-a` (tag A) with a session open through it;
+/// `engine-2`, serving `PREFIX-b` (tag B), joins later.
+struct Scene {
+    pki: Pki,
+    opts: DmzOptions,
+    prefix: &'static str,
+    session: OpenSession,
+    second: (targets::Target, u16),
+    _running: Vec<InProcess>,
+    _first_target: targets::Target,
+}
+
+impl Scene {
+    async fn start(prefix: &'static str) -> Self {
+        let pki = Pki::new();
+        let (ta, tb) = (
+            targets::tagged_echo(b'A').await,
+            targets::tagged_echo(b'B').await,
+        );
+        let opts = DmzOptions::default();
+        let dmz = start_dmz(&pki, &opts).await;
+        let (p1, p2) = (free_port(), free_port());
+        let services = vec![Service::new(&format!("{prefix}-a"), p1, ta.addr)];
+        let a1 = start_agent(&pki, &agent("engine-1", opts.tunnel, services)).await;
+        wait_open(addr([127, 0, 0, 1], p1), SETUP_LIMIT).await;
+        let session = OpenSession::open(addr([127, 0, 0, 1], p1))
+            .await
+            .expect("session");
+        Self {
+            pki,
+            opts,
+            prefix,
+            session,
+            second: (tb, p2),
+            _running: vec![dmz, a1],
+            _first_target: ta,
+        }
+    }
+
+    /// Starts `engine-2` and checks one session through it; returns how long its port took
+    /// to open, and the agent.
+    async fn second_agent_serves(&self) -> (Duration, InProcess) {
+        let (target, port) = &self.second;
+        let services = vec![Service::new(
+            &format!("{}-b", self.prefix),
+            *port,
+            target.addr,
+        )];
+        let opts = agent("engine-2", self.opts.tunnel, services);
+        let a2 = start_agent(&self.pki, &opts).await;
+        let t = wait_open(addr([127, 0, 0, 1], *port), SETUP_LIMIT).await;
+        let fresh = OpenSession::open(addr([127, 0, 0, 1], *port))
+            .await
+            .expect("session via the new agent");
+        assert_eq!(fresh.tag, b'B');
+        fresh.finish().await.expect("clean close");
+        (t, a2)
+    }
+
+    /// Closes the session opened at the start, cleanly.
+    async fn finish(self) {
+        self.session
+            .finish()
+            .await
+            .expect("clean close of the session in flight");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dmz_certificate_rotation_applies_to_new_handshakes() {
     let _serial = SERIAL.lock().await;
-    let pki = Pki::new();
-    let (ta, tb) = (
-        targets::tagged_echo(b'A').await,
-        targets::tagged_echo(b'B').await,
-    );
-    let opts = DmzOptions::default();
-    let _dmz = start_dmz(&pki, &opts).await;
-    let (p1, p2) = (free_port(), free_port());
-    let _a1 = start_agent(
-        &pki,
-        &agent(
-            "engine-1",
-            opts.tunnel,
-            vec![Service::new("rot-a", p1, ta.addr)],
-        ),
-    )
-    .await;
-    wait_open(addr([127, 0, 0, 1], p1), SETUP_LIMIT).await;
-    let mut session = OpenSession::open(addr([127, 0, 0, 1], p1))
-        .await
-        .expect("session");
-    session
+    let mut scene = Scene::start("rot").await;
+    let (pki, opts) = (&scene.pki, &scene.opts);
+    scene
+        .session
         .round_trip(b"before the rotation")
         .await
         .expect("round trip");
 
     let old = first_cert(&std::fs::read(pki.path("dmz.pem")).expect("dmz.pem"));
-    assert_eq!(served_certificate(&pki, opts.tunnel).await, old);
+    assert_eq!(served_certificate(pki, opts.tunnel).await, old);
     let reconnects = [("dmz", &*opts.tunnel.to_string())];
     let reconnects_before = current(opts.admin, m::TUNNEL_RECONNECTS, &reconnects).await;
-    let new = rotate_dmz_certificate(&pki);
+    let new = rotate_dmz_certificate(pki);
     assert_ne!(new, old);
     let (ok0, err0) = reloads(opts.admin).await;
     let (status, body) = post_reload(opts.admin).await;
@@ -129,31 +179,18 @@ async fn dmz_certificate_rotation_applies_to_new_handshakes() {
     assert_eq!((ok1 - ok0, err1 - err0), (1.0, 0.0), "reload counters");
 
     assert_eq!(
-        served_certificate(&pki, opts.tunnel).await,
+        served_certificate(pki, opts.tunnel).await,
         new,
         "new handshakes see the new certificate"
     );
-    session
+    scene
+        .session
         .round_trip(b"after the rotation")
         .await
         .expect("the session in flight continues");
-    assert_eq!(session.tag, b'A');
+    assert_eq!(scene.session.tag, b'A');
     // A new agent trusts the new certificate (same CA) and registers.
-    let _a2 = start_agent(
-        &pki,
-        &agent(
-            "engine-2",
-            opts.tunnel,
-            vec![Service::new("rot-b", p2, tb.addr)],
-        ),
-    )
-    .await;
-    let t = wait_open(addr([127, 0, 0, 1], p2), SETUP_LIMIT).await;
-    let fresh = OpenSession::open(addr([127, 0, 0, 1], p2))
-        .await
-        .expect("session via the new agent");
-    assert_eq!(fresh.tag, b'B');
-    fresh.finish().await.expect("clean close");
+    let (t, _a2) = scene.second_agent_serves().await;
     println!(
         "dmz_certificate_rotation_applies_to_new_handshakes: a new agent registered {} ms after starting; the old tunnel carried its session through the rotation",
         t.as_millis()
@@ -163,36 +200,14 @@ async fn dmz_certificate_rotation_applies_to_new_handshakes() {
         reconnects_before,
         "the existing tunnel was not kept"
     );
-    session
-        .finish()
-        .await
-        .expect("clean close of the session in flight");
+    scene.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dmz_reload_with_broken_key_keeps_the_old_credentials() {
     let _serial = SERIAL.lock().await;
-    let pki = Pki::new();
-    let (ta, tb) = (
-        targets::tagged_echo(b'A').await,
-        targets::tagged_echo(b'B').await,
-    );
-    let opts = DmzOptions::default();
-    let _dmz = start_dmz(&pki, &opts).await;
-    let (p1, p2) = (free_port(), free_port());
-    let _a1 = start_agent(
-        &pki,
-        &agent(
-            "engine-1",
-            opts.tunnel,
-            vec![Service::new("brk-a", p1, ta.addr)],
-        ),
-    )
-    .await;
-    wait_open(addr([127, 0, 0, 1], p1), SETUP_LIMIT).await;
-    let mut session = OpenSession::open(addr([127, 0, 0, 1], p1))
-        .await
-        .expect("session");
+    let mut scene = Scene::start("brk").await;
+    let (pki, opts) = (&scene.pki, &scene.opts);
     let old = first_cert(&std::fs::read(pki.path("dmz.pem")).expect("dmz.pem"));
     let good_key = std::fs::read_to_string(pki.path("dmz-key.pem")).expect("dmz-key.pem");
 
@@ -214,35 +229,19 @@ async fn dmz_reload_with_broken_key_keeps_the_old_credentials() {
     assert_eq!((ok1 - ok0, err1 - err0), (0.0, 1.0), "reload counters");
 
     // The node keeps serving with the old credentials.
-    assert_eq!(served_certificate(&pki, opts.tunnel).await, old);
-    session
+    assert_eq!(served_certificate(pki, opts.tunnel).await, old);
+    scene
+        .session
         .round_trip(b"still here")
         .await
         .expect("the session in flight continues");
-    let _a2 = start_agent(
-        &pki,
-        &agent(
-            "engine-2",
-            opts.tunnel,
-            vec![Service::new("brk-b", p2, tb.addr)],
-        ),
-    )
-    .await;
-    wait_open(addr([127, 0, 0, 1], p2), SETUP_LIMIT).await;
-    let fresh = OpenSession::open(addr([127, 0, 0, 1], p2))
-        .await
-        .expect("session via the new agent");
-    assert_eq!(fresh.tag, b'B');
-    fresh.finish().await.expect("clean close");
+    let _a2 = scene.second_agent_serves().await;
 
     // Fixed file: the next reload succeeds.
     pki.write("dmz-key.pem", &good_key);
     let (status, body) = post_reload(opts.admin).await;
     assert_eq!(status, 200, "{body}");
-    session
-        .finish()
-        .await
-        .expect("clean close of the session in flight");
+    scene.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
