@@ -38,8 +38,13 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                 let session_id = protocol::new_session_id();
                 let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::INBOUND, %peer, partner = tracing::field::Empty);
                 // The session runs on the shard of the tunnel likely to carry it, so that its
-                // pump and that tunnel's connection task share a thread.
-                let shard = node.registry.shard_for(&service);
+                // pump and that tunnel's connection task share a thread; on this one when that
+                // tunnel runs here (no hand-over to another thread).
+                let here = tokio::runtime::Handle::current();
+                let shard = node
+                    .registry
+                    .shard_for(&service, &here)
+                    .filter(|shard| shard.id() != here.id());
                 let session = async move |stream| {
                     let (outcome, partner) = admit_and_relay(
                         &node2,
@@ -62,7 +67,8 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                     node.sessions.spawn(session(stream).instrument(span));
                     continue;
                 };
-                // A socket that cannot be detached is closed.
+                // Moves the socket to the other shard's event loop. One that cannot be
+                // detached is closed.
                 if let Ok(stream) = stream.into_std() {
                     node.sessions.spawn_on(
                         async move {
@@ -247,7 +253,8 @@ async fn relay_partner(
     };
 
     let mut last_refusal = None;
-    for carrier in node.registry.candidates(service) {
+    let here = tokio::runtime::Handle::current();
+    for carrier in node.registry.candidates(service, &here) {
         match tokio::time::timeout(node.limits.setup_timeout, open(&carrier, service, &meta)).await
         {
             Ok(Ok((send, recv))) => {

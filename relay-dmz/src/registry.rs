@@ -171,6 +171,14 @@ fn attach(inner: &mut Inner, name: &str, carrier: &Arc<Carrier>) -> Option<Arc<P
     Some(s.listener.clone())
 }
 
+/// Orders tunnels for a new session: the least busy first, then one on the shard `here`.
+fn placement_key(carrier: &Carrier, here: &tokio::runtime::Handle) -> (usize, bool) {
+    (
+        carrier.active.load(Ordering::Relaxed),
+        carrier.runtime.id() != here.id(),
+    )
+}
+
 fn close_if_unused(inner: &mut Inner, name: &str) {
     let unused = inner
         .services
@@ -460,8 +468,9 @@ impl Registry {
     }
 
     /// The tunnels to try for a new session of `service`, best first: the least busy tunnel of
-    /// each agent process, processes ordered by load, ties taken round robin.
-    pub fn candidates(&self, service: &str) -> Vec<Arc<Carrier>> {
+    /// each agent process, processes ordered by load; among equally busy tunnels, one running
+    /// on `here` (the caller's shard) first, the others round robin.
+    pub fn candidates(&self, service: &str, here: &tokio::runtime::Handle) -> Vec<Arc<Carrier>> {
         let mut inner = lock(&self.inner);
         inner.rr = inner.rr.wrapping_add(1);
         let rr = inner.rr;
@@ -472,7 +481,7 @@ impl Registry {
         let mut ordered: Vec<Arc<Carrier>> = (0..n)
             .map(|i| s.carriers[(rr + i) % n.max(1)].clone())
             .collect();
-        ordered.sort_by_key(|c| c.active.load(Ordering::Relaxed));
+        ordered.sort_by_key(|c| placement_key(c, here));
         let mut seen = Vec::new();
         ordered.retain(|c| {
             let first = !seen.contains(&c.instance);
@@ -484,14 +493,18 @@ impl Registry {
         ordered
     }
 
-    /// The shard of the least busy tunnel serving `service` now: where a new partner
-    /// session of it should run (see [`relay_tunnel::shards`]).
-    pub fn shard_for(&self, service: &str) -> Option<tokio::runtime::Handle> {
+    /// The shard of the least busy tunnel serving `service` now, `here` on a tie: where a
+    /// new partner session of it should run (see [`relay_tunnel::shards`]).
+    pub fn shard_for(
+        &self,
+        service: &str,
+        here: &tokio::runtime::Handle,
+    ) -> Option<tokio::runtime::Handle> {
         let inner = lock(&self.inner);
         let carriers = &inner.services.get(service)?.carriers;
         carriers
             .iter()
-            .min_by_key(|c| c.active.load(Ordering::Relaxed))
+            .min_by_key(|c| placement_key(c, here))
             .map(|c| c.runtime.clone())
     }
 
