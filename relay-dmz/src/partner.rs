@@ -253,14 +253,28 @@ async fn relay_partner(
     };
 
     let mut last_refusal = None;
+    let mut early = Early::new(prefix);
     let here = tokio::runtime::Handle::current();
     for carrier in node.registry.candidates(service, &here) {
-        match tokio::time::timeout(node.limits.setup_timeout, open(&carrier, service, &meta)).await
-        {
+        let opening = open(&carrier, service, &meta, &partner_stream, &mut early);
+        match tokio::time::timeout(node.limits.setup_timeout, opening).await {
             Ok(Ok((send, recv))) => {
                 metrics::histogram!(m::SESSION_SETUP, "direction" => m::INBOUND)
                     .record(accepted_at.elapsed().as_secs_f64());
-                return relay(node, &carrier, service, partner_stream, send, recv, prefix).await;
+                return relay(
+                    node,
+                    &carrier,
+                    service,
+                    partner_stream,
+                    send,
+                    recv,
+                    early.len,
+                )
+                .await;
+            }
+            Ok(Err(OpenError::Partner(e))) => {
+                tracing::debug!(error = %e, "partner failed before the session was answered");
+                return "reset";
             }
             Ok(Err(OpenError::Refused(refusal, reason))) => {
                 tracing::debug!(agent = %carrier.agent, ?refusal, %reason, "agent refused the session; trying the next");
@@ -290,14 +304,85 @@ async fn relay_partner(
 
 enum OpenError {
     Refused(Refusal, String),
-    Tunnel(h2::Error),
+    /// The tunnel failed (an HTTP/2 error, or the stream could not take the early bytes).
+    Tunnel(Box<dyn std::error::Error + Send + Sync>),
+    Partner(std::io::Error),
 }
 
-/// Opens a session stream on `carrier` and waits for the agent's answer.
+impl From<h2::Error> for OpenError {
+    fn from(e: h2::Error) -> Self {
+        OpenError::Tunnel(e.into())
+    }
+}
+
+impl From<pump::PumpError> for OpenError {
+    fn from(e: pump::PumpError) -> Self {
+        OpenError::Tunnel(e.into())
+    }
+}
+
+/// Partner bytes read before an agent answered: sent into the session stream at once, so a
+/// partner who speaks first does not wait a tunnel round trip, and kept (shared, not copied)
+/// to be sent again on the next tunnel if this one's agent refuses. At most [`EARLY_LIMIT`];
+/// past that the partner waits for the answer.
+struct Early {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The partner closed its side before the answer (read again later, the socket says so
+    /// again, and the pump passes it on).
+    eof: bool,
+}
+
+/// Partner bytes sent before the agent's answer: one read buffer.
+const EARLY_LIMIT: usize = relay_tunnel::h2conf::READ_BUFFER;
+
+impl Early {
+    fn new(prefix: Bytes) -> Self {
+        let len = prefix.len();
+        let chunks = if prefix.is_empty() {
+            Vec::new()
+        } else {
+            vec![prefix]
+        };
+        Self {
+            chunks,
+            len,
+            eof: false,
+        }
+    }
+
+    fn wants_more(&self) -> bool {
+        !self.eof && self.len < EARLY_LIMIT
+    }
+
+    /// Reads what the partner has sent, if anything, up to the limit.
+    fn read(&mut self, partner: &TcpStream) -> std::io::Result<Option<Bytes>> {
+        let mut buf = BytesMut::with_capacity(EARLY_LIMIT - self.len);
+        match partner.try_read_buf(&mut buf) {
+            Ok(0) => {
+                self.eof = true;
+                Ok(None)
+            }
+            Ok(n) => {
+                self.len += n;
+                let chunk = buf.freeze();
+                self.chunks.push(chunk.clone());
+                Ok(Some(chunk))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Opens a session stream on `carrier` and waits for the agent's answer, meanwhile sending it
+/// the partner's first bytes (see [`Early`]).
 async fn open(
     carrier: &Carrier,
     service: &str,
     meta: &SessionMeta,
+    partner: &TcpStream,
+    early: &mut Early,
 ) -> Result<(h2::SendStream<Bytes>, RecvStream), OpenError> {
     let mut req = Request::builder()
         .method(Method::CONNECT)
@@ -305,16 +390,23 @@ async fn open(
         .body(())
         .expect("a service name and a port form a valid authority");
     meta.to_headers(req.headers_mut());
-    let mut send_request = carrier
-        .send
-        .clone()
-        .ready()
-        .await
-        .map_err(OpenError::Tunnel)?;
-    let (response, mut send) = send_request
-        .send_request(req, false)
-        .map_err(OpenError::Tunnel)?;
-    let response = response.await.map_err(OpenError::Tunnel)?;
+    let mut send_request = carrier.send.clone().ready().await?;
+    let (response, mut send) = send_request.send_request(req, false)?;
+    tokio::pin!(response);
+    for chunk in &early.chunks {
+        pump::send_all(&mut send, chunk.clone()).await?;
+    }
+    let response = loop {
+        tokio::select! {
+            r = &mut response => break r?,
+            r = partner.readable(), if early.wants_more() => {
+                r.map_err(OpenError::Partner)?;
+                if let Some(chunk) = early.read(partner).map_err(OpenError::Partner)? {
+                    pump::send_all(&mut send, chunk).await?;
+                }
+            }
+        }
+    };
     if response.status() == StatusCode::OK {
         return Ok((send, response.into_body()));
     }
@@ -330,18 +422,20 @@ async fn relay(
     partner: TcpStream,
     send: h2::SendStream<Bytes>,
     recv: RecvStream,
-    prefix: Bytes,
+    early: usize,
 ) -> &'static str {
     carrier.active.fetch_add(1, Ordering::Relaxed);
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::INBOUND);
     active.increment(1.0);
     let counters = PumpCounters::partner_socket(service);
+    // Sent while the session was being answered.
+    counters.to_stream.increment(early as u64);
     let started = Instant::now();
     let (moved, result) = if tokio::runtime::Handle::current().id() == carrier.runtime.id() {
         let stop = &node.sessions_cancel;
         pump::pump(
             partner,
-            prefix,
+            Bytes::new(),
             send,
             recv,
             &counters,
@@ -355,7 +449,7 @@ async fn relay(
         pump::pump_on(
             &carrier.runtime,
             partner,
-            prefix,
+            Bytes::new(),
             send,
             recv,
             counters,
@@ -364,16 +458,17 @@ async fn relay(
         )
         .await
     };
+    let up = moved.to_stream + early as u64;
     active.decrement(1.0);
     carrier.active.fetch_sub(1, Ordering::Relaxed);
     metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());
     let label = pump::outcome(&result);
     match result {
         Ok(()) => {
-            tracing::debug!(agent = %carrier.agent, up = moved.to_stream, down = moved.to_socket, "session closed")
+            tracing::debug!(agent = %carrier.agent, up, down = moved.to_socket, "session closed")
         }
         Err(e) => {
-            tracing::debug!(agent = %carrier.agent, up = moved.to_stream, down = moved.to_socket, error = %e, "session ended")
+            tracing::debug!(agent = %carrier.agent, up, down = moved.to_socket, error = %e, "session ended")
         }
     }
     label

@@ -500,3 +500,80 @@ async fn sessions_spread_over_two_agents() {
     drop(target_1);
     drop(target_2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_reach_the_next_agent_when_one_refuses() {
+    // A partner that speaks first has its bytes sent before an agent answers (the DMZ's early
+    // bytes, up to 16 KiB). When that agent refuses (its target is down), the next one must get
+    // them all, once, in order, and then the rest and the partner's FIN.
+    const SERVICE: &str = "early-replay";
+    let pki = Pki::new();
+    let dmz_opts = DmzOptions::default();
+    let _dmz = start_dmz(&pki, &dmz_opts).await;
+    let port = free_port();
+    let public = SocketAddr::from(([127, 0, 0, 1], port));
+    let nothing = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let target = targets::tagged_echo(b'2').await;
+    let refusing = AgentOptions::new(dmz_opts.tunnel, vec![Service::new(SERVICE, port, nothing)]);
+    let mut serving = AgentOptions::new(
+        dmz_opts.tunnel,
+        vec![Service::new(SERVICE, port, target.addr)],
+    );
+    serving.identity = "engine-2".into();
+    let _refusing = start_agent(&pki, &refusing).await;
+    wait_listener_open(dmz_opts.admin, SERVICE).await;
+    let _serving = start_agent(&pki, &serving).await;
+    let registered = wait_for(WAIT, || async {
+        let (_, text) = http_get(dmz_opts.admin, "/metrics").await.unwrap();
+        metric(&text, "relay_tunnels_connected", &["agent=\"engine-2\""]).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert!(
+        registered.is_some(),
+        "engine-2 did not register within {WAIT:?}"
+    );
+
+    let sizes = [
+        1usize,
+        100,
+        16 * 1024 - 1,
+        16 * 1024,
+        16 * 1024 + 1,
+        100 * 1024,
+    ];
+    for round in 0..4 {
+        for &len in &sizes {
+            let msg: Vec<u8> = (0..len).map(|i| (i * 7 + round) as u8).collect();
+            let mut s = connect(public).await;
+            // All of it, and the FIN, before the relay can have answered.
+            s.write_all(&msg).await.unwrap();
+            s.shutdown().await.unwrap();
+            let got = read_to_end_timed(&mut s).await;
+            assert_eq!(
+                got.first(),
+                Some(&b'2'),
+                "round {round}, {len} bytes: served by the refusing agent?"
+            );
+            assert!(
+                got[1..] == msg[..],
+                "round {round}, {len} bytes: echoed {} bytes, not the same bytes once",
+                got.len() - 1
+            );
+        }
+    }
+    let labels = [
+        "service=\"early-replay\"",
+        "direction=\"inbound\"",
+        "result=\"target_refused\"",
+    ];
+    let (_, text) = http_get(dmz_opts.admin, "/metrics").await.unwrap();
+    let refused = metric(&text, "relay_sessions_total", &labels).unwrap_or(0.0);
+    println!(
+        "{} sessions, {refused} refused by the first agent tried",
+        4 * sizes.len()
+    );
+    assert!(
+        refused >= 1.0,
+        "no session met the refusing agent first: the test proved nothing"
+    );
+}
