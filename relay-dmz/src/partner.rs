@@ -261,6 +261,9 @@ async fn relay_partner(
             Ok(Ok((send, recv))) => {
                 metrics::histogram!(m::SESSION_SETUP, "direction" => m::INBOUND)
                     .record(accepted_at.elapsed().as_secs_f64());
+                // Not needed again: an idle session must not hold its read block.
+                let sent_early = early.len;
+                drop(early);
                 return relay(
                     node,
                     &carrier,
@@ -268,7 +271,7 @@ async fn relay_partner(
                     partner_stream,
                     send,
                     recv,
-                    early.len,
+                    sent_early,
                 )
                 .await;
             }
@@ -400,9 +403,13 @@ async fn open(
         tokio::select! {
             r = &mut response => break r?,
             r = partner.readable(), if early.wants_more() => {
-                r.map_err(OpenError::Partner)?;
-                if let Some(chunk) = early.read(partner).map_err(OpenError::Partner)? {
-                    pump::send_all(&mut send, chunk).await?;
+                match r.and_then(|()| early.read(partner)) {
+                    Ok(Some(chunk)) => pump::send_all(&mut send, chunk).await?,
+                    Ok(None) => {}
+                    Err(e) => {
+                        send.send_reset(h2::Reason::CANCEL);
+                        return Err(OpenError::Partner(e));
+                    }
                 }
             }
         }
