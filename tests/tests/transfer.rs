@@ -1,6 +1,7 @@
 //! Inbound sessions carry bytes intact: sizes from 1 byte to 256 MiB, independent directions,
 //! many sessions at once, a real HTTP client, half-close and reset in both directions, a target
-//! that refuses, and sessions spread over two agents.
+//! that refuses, sessions spread over two agents, and a partner's first bytes passed on to the
+//! next agent when the first one refuses.
 
 use std::io;
 use std::net::SocketAddr;
@@ -441,29 +442,29 @@ async fn refused_target_closes_the_partner_and_is_counted() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_spread_over_two_agents() {
-    const SESSIONS: usize = 40;
+/// A DMZ, then agent engine-1 serving `service` to `target_1`, then engine-2 serving it to
+/// `target_2`, both registered.
+struct TwoAgents {
+    public: SocketAddr,
+    dmz_opts: DmzOptions,
+    _agents: [InProcess; 2],
+    _dmz: InProcess,
+    _pki: Pki,
+}
+
+async fn two_agents(service: &str, target_1: SocketAddr, target_2: SocketAddr) -> TwoAgents {
     let pki = Pki::new();
     let dmz_opts = DmzOptions::default();
-    let _dmz = start_dmz(&pki, &dmz_opts).await;
+    let dmz = start_dmz(&pki, &dmz_opts).await;
     let port = free_port();
-    let public = SocketAddr::from(([127, 0, 0, 1], port));
-    let target_1 = targets::tagged_echo(b'1').await;
-    let target_2 = targets::tagged_echo(b'2').await;
-    let opts_1 = AgentOptions::new(
-        dmz_opts.tunnel,
-        vec![Service::new("spread", port, target_1.addr)],
-    );
-    let mut opts_2 = AgentOptions::new(
-        dmz_opts.tunnel,
-        vec![Service::new("spread", port, target_2.addr)],
-    );
+    let opts_1 = AgentOptions::new(dmz_opts.tunnel, vec![Service::new(service, port, target_1)]);
+    let mut opts_2 =
+        AgentOptions::new(dmz_opts.tunnel, vec![Service::new(service, port, target_2)]);
     opts_2.identity = "engine-2".into();
-    let _agent_1 = start_agent(&pki, &opts_1).await;
-    wait_listener_open(dmz_opts.admin, "spread").await;
-    let _agent_2 = start_agent(&pki, &opts_2).await;
-    // Only this test uses the identity engine-2, so the shared gauge tells when it is in.
+    let agent_1 = start_agent(&pki, &opts_1).await;
+    wait_listener_open(dmz_opts.admin, service).await;
+    let agent_2 = start_agent(&pki, &opts_2).await;
+    // Only these tests use the identity engine-2, so the shared gauge tells when it is in.
     let registered = wait_for(WAIT, || async {
         let (_, text) = http_get(dmz_opts.admin, "/metrics").await.unwrap();
         metric(&text, "relay_tunnels_connected", &["agent=\"engine-2\""]).unwrap_or(0.0) >= 1.0
@@ -473,6 +474,22 @@ async fn sessions_spread_over_two_agents() {
         registered.is_some(),
         "engine-2 did not register within {WAIT:?}"
     );
+    TwoAgents {
+        public: SocketAddr::from(([127, 0, 0, 1], port)),
+        dmz_opts,
+        _agents: [agent_1, agent_2],
+        _dmz: dmz,
+        _pki: pki,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_two_agents() {
+    const SESSIONS: usize = 40;
+    let target_1 = targets::tagged_echo(b'1').await;
+    let target_2 = targets::tagged_echo(b'2').await;
+    let scene = two_agents("spread", target_1.addr, target_2.addr).await;
+    let public = scene.public;
 
     let mut counts = [0usize; 2];
     for i in 0..SESSIONS {
@@ -507,31 +524,10 @@ async fn first_bytes_reach_the_next_agent_when_one_refuses() {
     // bytes, up to 16 KiB). When that agent refuses (its target is down), the next one must get
     // them all, once, in order, and then the rest and the partner's FIN.
     const SERVICE: &str = "early-replay";
-    let pki = Pki::new();
-    let dmz_opts = DmzOptions::default();
-    let _dmz = start_dmz(&pki, &dmz_opts).await;
-    let port = free_port();
-    let public = SocketAddr::from(([127, 0, 0, 1], port));
     let nothing = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let target = targets::tagged_echo(b'2').await;
-    let refusing = AgentOptions::new(dmz_opts.tunnel, vec![Service::new(SERVICE, port, nothing)]);
-    let mut serving = AgentOptions::new(
-        dmz_opts.tunnel,
-        vec![Service::new(SERVICE, port, target.addr)],
-    );
-    serving.identity = "engine-2".into();
-    let _refusing = start_agent(&pki, &refusing).await;
-    wait_listener_open(dmz_opts.admin, SERVICE).await;
-    let _serving = start_agent(&pki, &serving).await;
-    let registered = wait_for(WAIT, || async {
-        let (_, text) = http_get(dmz_opts.admin, "/metrics").await.unwrap();
-        metric(&text, "relay_tunnels_connected", &["agent=\"engine-2\""]).unwrap_or(0.0) >= 1.0
-    })
-    .await;
-    assert!(
-        registered.is_some(),
-        "engine-2 did not register within {WAIT:?}"
-    );
+    let scene = two_agents(SERVICE, nothing, target.addr).await;
+    let (public, dmz_opts) = (scene.public, &scene.dmz_opts);
 
     let sizes = [
         1usize,
