@@ -37,13 +37,14 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                 let policy = listener.policy();
                 let session_id = protocol::new_session_id();
                 let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::INBOUND, %peer, partner = tracing::field::Empty);
-                // The session runs on the shard of the tunnel likely to carry it, so that its
-                // pump and that tunnel's connection task share a thread; on this one when that
-                // tunnel runs here (no hand-over to another thread).
+                // The session runs on the shard of the tunnel it will try first, so that its
+                // pump and that tunnel's connection task share a thread; here when that tunnel
+                // runs here (no hand-over to another thread).
                 let here = tokio::runtime::Handle::current();
-                let shard = node
-                    .registry
-                    .shard_for(&service, &here)
+                let candidates = node.registry.candidates(&service, &here);
+                let shard = candidates
+                    .first()
+                    .map(|c| c.runtime.clone())
                     .filter(|shard| shard.id() != here.id());
                 let session = async move |stream| {
                     let (outcome, partner) = admit_and_relay(
@@ -53,6 +54,7 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                         &service,
                         &policy,
                         session_id.clone(),
+                        candidates,
                     )
                     .await;
                     if matches!(
@@ -124,6 +126,7 @@ async fn admit_and_relay(
     service: &str,
     policy: &ListenerPolicy,
     session: String,
+    candidates: Vec<Arc<Carrier>>,
 ) -> (&'static str, SocketAddr) {
     let accepted_at = Instant::now();
     // Taken first, so connections waiting for a PROXY header count against the limit too.
@@ -149,6 +152,13 @@ async fn admit_and_relay(
         (peer, Bytes::new())
     };
     tracing::Span::current().record("partner", tracing::field::display(partner));
+    // Waiting for the PROXY header may have taken a while: choose the tunnels again.
+    let candidates = if policy.accept_proxy {
+        node.registry
+            .candidates(service, &tokio::runtime::Handle::current())
+    } else {
+        candidates
+    };
     let outcome = relay_partner(
         node,
         partner_stream,
@@ -158,6 +168,7 @@ async fn admit_and_relay(
         session,
         prefix,
         accepted_at,
+        candidates,
     )
     .await;
     (outcome, partner)
@@ -213,6 +224,7 @@ async fn relay_partner(
     session: String,
     prefix: Bytes,
     accepted_at: Instant,
+    candidates: Vec<Arc<Carrier>>,
 ) -> &'static str {
     let denied = node
         .policy()
@@ -254,10 +266,9 @@ async fn relay_partner(
 
     let mut last_refusal = None;
     let mut early = Early::new(prefix);
-    let here = tokio::runtime::Handle::current();
-    for carrier in node.registry.candidates(service, &here) {
+    for carrier in candidates {
         let opening = open(&carrier, service, &meta, &partner_stream, &mut early);
-        match tokio::time::timeout(node.limits.setup_timeout, opening).await {
+        let failed = match tokio::time::timeout(node.limits.setup_timeout, opening).await {
             Ok(Ok((send, recv))) => {
                 metrics::histogram!(m::SESSION_SETUP, "direction" => m::INBOUND)
                     .record(accepted_at.elapsed().as_secs_f64());
@@ -282,15 +293,29 @@ async fn relay_partner(
             Ok(Err(OpenError::Refused(refusal, reason))) => {
                 tracing::debug!(agent = %carrier.agent, ?refusal, %reason, "agent refused the session; trying the next");
                 last_refusal = Some(refusal);
+                continue;
+            }
+            Ok(Err(OpenError::Tunnel(e))) if early.exposed && !not_processed(&e) => {
+                (format!("tunnel failed opening the session: {e}"), "reset")
             }
             Ok(Err(OpenError::Tunnel(e))) => {
                 tracing::debug!(agent = %carrier.agent, error = %e, "tunnel failed opening the session; trying the next");
+                continue;
             }
             Err(_) => {
-                tracing::debug!(agent = %carrier.agent, "agent did not answer in time; trying the next");
                 last_refusal = Some(Refusal::TargetTimeout);
+                if !early.exposed {
+                    tracing::debug!(agent = %carrier.agent, "agent did not answer in time; trying the next");
+                    continue;
+                }
+                ("agent did not answer in time".to_owned(), "target_timeout")
             }
-        }
+        };
+        // The partner's first bytes went out on that stream and may have reached a target:
+        // sending them to another could deliver them twice.
+        let (reason, label) = failed;
+        tracing::info!(agent = %carrier.agent, %reason, early_bytes = early.len, result = label, "session failed after the partner's first bytes went out: not tried elsewhere, partner closed");
+        return label;
     }
     let label = match last_refusal {
         None => "no_agent",
@@ -307,33 +332,31 @@ async fn relay_partner(
 
 enum OpenError {
     Refused(Refusal, String),
-    /// The tunnel failed (an HTTP/2 error, or the stream could not take the early bytes).
-    Tunnel(Box<dyn std::error::Error + Send + Sync>),
+    Tunnel(h2::Error),
     Partner(std::io::Error),
 }
 
-impl From<h2::Error> for OpenError {
-    fn from(e: h2::Error) -> Self {
-        OpenError::Tunnel(e.into())
-    }
-}
-
-impl From<pump::PumpError> for OpenError {
-    fn from(e: pump::PumpError) -> Self {
-        OpenError::Tunnel(e.into())
-    }
+/// Whether a stream that failed this way was certainly not handed to the agent's session
+/// code: refused by HTTP/2 (REFUSED_STREAM) or above the last stream of the peer's GOAWAY.
+fn not_processed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
 
 /// Partner bytes read before an agent answered: sent into the session stream at once, so a
 /// partner who speaks first does not wait a tunnel round trip, and kept (shared, not copied)
-/// to be sent again on the next tunnel if this one's agent refuses. At most [`EARLY_LIMIT`];
-/// past that the partner waits for the answer.
+/// to be sent again on the next tunnel if this one certainly did not start the session (a
+/// refusal; see [`not_processed`]). At most [`EARLY_LIMIT`]; past that the partner waits for
+/// the answer.
 struct Early {
+    /// What is left of the one block the early bytes are read into.
+    block: BytesMut,
     chunks: Vec<Bytes>,
     len: usize,
     /// The partner closed its side before the answer (read again later, the socket says so
     /// again, and the pump passes it on).
     eof: bool,
+    /// Some of the bytes went out on the stream being opened now.
+    exposed: bool,
 }
 
 /// Partner bytes sent before the agent's answer: one read buffer.
@@ -348,9 +371,11 @@ impl Early {
             vec![prefix]
         };
         Self {
+            block: BytesMut::new(),
             chunks,
             len,
             eof: false,
+            exposed: false,
         }
     }
 
@@ -358,17 +383,20 @@ impl Early {
         !self.eof && self.len < EARLY_LIMIT
     }
 
-    /// Reads what the partner has sent, if anything, up to the limit.
+    /// Reads what the partner has sent, if anything, up to the limit. All reads share one
+    /// block of [`EARLY_LIMIT`] bytes, however small they are.
     fn read(&mut self, partner: &TcpStream) -> std::io::Result<Option<Bytes>> {
-        let mut buf = BytesMut::with_capacity(EARLY_LIMIT - self.len);
-        match partner.try_read_buf(&mut buf) {
+        if self.block.capacity() == 0 {
+            self.block = BytesMut::with_capacity(EARLY_LIMIT - self.len);
+        }
+        match partner.try_read_buf(&mut self.block) {
             Ok(0) => {
                 self.eof = true;
                 Ok(None)
             }
             Ok(n) => {
                 self.len += n;
-                let chunk = buf.freeze();
+                let chunk = self.block.split().freeze();
                 self.chunks.push(chunk.clone());
                 Ok(Some(chunk))
             }
@@ -393,18 +421,37 @@ async fn open(
         .body(())
         .expect("a service name and a port form a valid authority");
     meta.to_headers(req.headers_mut());
-    let mut send_request = carrier.send.clone().ready().await?;
-    let (response, mut send) = send_request.send_request(req, false)?;
+    early.exposed = false;
+    let mut send_request = carrier
+        .send
+        .clone()
+        .ready()
+        .await
+        .map_err(OpenError::Tunnel)?;
+    let (response, mut send) = send_request
+        .send_request(req, false)
+        .map_err(OpenError::Tunnel)?;
     tokio::pin!(response);
+    // A stream that takes no more data has been refused or has failed: its answer, or the
+    // error in its place, says which.
+    let mut sending = true;
     for chunk in &early.chunks {
-        pump::send_all(&mut send, chunk.clone()).await?;
+        early.exposed = true;
+        if pump::send_all(&mut send, chunk.clone()).await.is_err() {
+            sending = false;
+            break;
+        }
     }
     let response = loop {
         tokio::select! {
-            r = &mut response => break r?,
-            r = partner.readable(), if early.wants_more() => {
+            biased;
+            r = &mut response => break r.map_err(OpenError::Tunnel)?,
+            r = partner.readable(), if sending && early.wants_more() => {
                 match r.and_then(|()| early.read(partner)) {
-                    Ok(Some(chunk)) => pump::send_all(&mut send, chunk).await?,
+                    Ok(Some(chunk)) => {
+                        early.exposed = true;
+                        sending = pump::send_all(&mut send, chunk).await.is_ok();
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         send.send_reset(h2::Reason::CANCEL);

@@ -171,7 +171,8 @@ fn attach(inner: &mut Inner, name: &str, carrier: &Arc<Carrier>) -> Option<Arc<P
     Some(s.listener.clone())
 }
 
-/// Orders tunnels for a new session: the least busy first, then one on the shard `here`.
+/// Orders the tunnels of one agent process for a new session: the least busy first, then one
+/// on the shard `here`.
 fn placement_key(carrier: &Carrier, here: &tokio::runtime::Handle) -> (usize, bool) {
     (
         carrier.active.load(Ordering::Relaxed),
@@ -467,9 +468,10 @@ impl Registry {
         }
     }
 
-    /// The tunnels to try for a new session of `service`, best first: the least busy tunnel of
-    /// each agent process, processes ordered by load; among equally busy tunnels, one running
-    /// on `here` (the caller's shard) first, the others round robin.
+    /// The tunnels to try for a new session of `service`, best first: one per agent process,
+    /// its least busy tunnel (on a tie, one running on `here`, the caller's shard, so that the
+    /// session need not move), the processes ordered by the sessions on that tunnel, ties
+    /// taken in turn.
     pub fn candidates(&self, service: &str, here: &tokio::runtime::Handle) -> Vec<Arc<Carrier>> {
         let mut inner = lock(&self.inner);
         inner.rr = inner.rr.wrapping_add(1);
@@ -478,34 +480,17 @@ impl Registry {
             return Vec::new();
         };
         let n = s.carriers.len();
-        let mut ordered: Vec<Arc<Carrier>> = (0..n)
-            .map(|i| s.carriers[(rr + i) % n.max(1)].clone())
-            .collect();
-        ordered.sort_by_key(|c| placement_key(c, here));
-        let mut seen = Vec::new();
-        ordered.retain(|c| {
-            let first = !seen.contains(&c.instance);
-            if first {
-                seen.push(c.instance.clone());
+        let mut best: Vec<Arc<Carrier>> = Vec::new();
+        for i in 0..n {
+            let c = &s.carriers[(rr + i) % n];
+            match best.iter_mut().find(|b| b.instance == c.instance) {
+                Some(b) if placement_key(c, here) < placement_key(b, here) => *b = c.clone(),
+                Some(_) => {}
+                None => best.push(c.clone()),
             }
-            first
-        });
-        ordered
-    }
-
-    /// The shard of the least busy tunnel serving `service` now, `here` on a tie: where a
-    /// new partner session of it should run (see [`relay_tunnel::shards`]).
-    pub fn shard_for(
-        &self,
-        service: &str,
-        here: &tokio::runtime::Handle,
-    ) -> Option<tokio::runtime::Handle> {
-        let inner = lock(&self.inner);
-        let carriers = &inner.services.get(service)?.carriers;
-        carriers
-            .iter()
-            .min_by_key(|c| placement_key(c, here))
-            .map(|c| c.runtime.clone())
+        }
+        best.sort_by_key(|c| c.active.load(Ordering::Relaxed));
+        best
     }
 
     /// How many tunnels are registered.
@@ -520,6 +505,106 @@ impl Registry {
         for (name, s) in inner.services.drain() {
             s.listener.close();
             tracing::info!(service = %name, "shutting down: public listener closed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use relay_tunnel::protocol::ServiceDecl;
+    use relay_tunnel::shards::Shards;
+
+    use super::*;
+
+    /// A sender of a live HTTP/2 connection over an in-memory pipe (the tests never use it).
+    async fn send_request() -> h2::client::SendRequest<Bytes> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut conn) = h2::server::handshake(server).await {
+                while conn.accept().await.is_some() {}
+            }
+        });
+        let (send, conn) = h2::client::handshake(client)
+            .await
+            .expect("HTTP/2 handshake over a pipe");
+        tokio::spawn(conn);
+        send
+    }
+
+    #[tokio::test]
+    async fn candidates_share_sessions_between_processes_and_prefer_the_callers_shard() {
+        // A DMZ with 4 shards; agent process a has its two tunnels on shards 0 and 1, process
+        // b on shards 2 and 3. Sessions are accepted on shard 0.
+        let shards = Shards::start("test-shard", 4).unwrap();
+        let shard = |i: usize| shards.handles().by_index(i).handle().clone();
+        let registry = Registry::new(None, vec!["127.0.0.1:*".parse().unwrap()], false);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let send = send_request().await;
+        let (control, _inbox) = tokio::sync::mpsc::channel(1);
+        let mut tunnels = Vec::new();
+        for (instance, on) in [("a", 0), ("a", 1), ("b", 2), ("b", 3)] {
+            let registration = Registration {
+                instance: instance.into(),
+                services: vec![ServiceDecl {
+                    name: "svc".into(),
+                    listen: format!("127.0.0.1:{port}"),
+                    allow: Vec::new(),
+                    accept_proxy: false,
+                }],
+            };
+            let (answer, reservation) = registry.reserve(instance, &registration);
+            assert!(answer.services[0].accepted, "{answer:?}");
+            let carrier = Arc::new(Carrier {
+                id: registry.next_carrier_id(),
+                agent: instance.into(),
+                instance: instance.into(),
+                send: send.clone(),
+                active: AtomicUsize::new(0),
+                control: control.clone(),
+                runtime: shard(on),
+            });
+            registry.activate(reservation, &carrier);
+            tunnels.push(carrier);
+        }
+        let here = shard(0);
+        let first_of = |rounds: usize| {
+            let mut first = HashMap::<String, usize>::new();
+            for _ in 0..rounds {
+                let c = registry.candidates("svc", &here);
+                assert_eq!(c.len(), 2, "one tunnel per process");
+                assert_ne!(c[0].instance, c[1].instance);
+                if let Some(a) = c.iter().find(|c| c.instance == "a") {
+                    assert_eq!(
+                        a.runtime.id(),
+                        here.id(),
+                        "process a's tunnel on the caller's shard, when no busier"
+                    );
+                }
+                *first.entry(c[0].instance.clone()).or_default() += 1;
+            }
+            first
+        };
+
+        // All idle: the processes take turns, whatever shard their tunnels run on.
+        let first = first_of(10);
+        assert!(
+            first.get("a").copied().unwrap_or(0) >= 4 && first.get("b").copied().unwrap_or(0) >= 4,
+            "idle processes must take turns: {first:?}"
+        );
+
+        // A busier tunnel loses to its idle sibling, even off the caller's shard.
+        tunnels[0].active.store(1, Ordering::Relaxed);
+        let c = registry.candidates("svc", &here);
+        let a = c.iter().find(|c| c.instance == "a").unwrap();
+        assert_eq!(a.id, tunnels[1].id, "process a's idle tunnel (shard 1)");
+
+        // A busier process comes second.
+        tunnels[1].active.store(1, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(registry.candidates("svc", &here)[0].instance, "b");
         }
     }
 }

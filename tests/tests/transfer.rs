@@ -443,7 +443,7 @@ async fn refused_target_closes_the_partner_and_is_counted() {
 }
 
 /// A DMZ, then agent engine-1 serving `service` to `target_1`, then engine-2 serving it to
-/// `target_2`, both registered.
+/// `target_2`, both registered (`two_agents_with`: a DMZ with these options).
 struct TwoAgents {
     public: SocketAddr,
     dmz_opts: DmzOptions,
@@ -453,8 +453,16 @@ struct TwoAgents {
 }
 
 async fn two_agents(service: &str, target_1: SocketAddr, target_2: SocketAddr) -> TwoAgents {
+    two_agents_with(service, target_1, target_2, DmzOptions::default()).await
+}
+
+async fn two_agents_with(
+    service: &str,
+    target_1: SocketAddr,
+    target_2: SocketAddr,
+    dmz_opts: DmzOptions,
+) -> TwoAgents {
     let pki = Pki::new();
-    let dmz_opts = DmzOptions::default();
     let dmz = start_dmz(&pki, &dmz_opts).await;
     let port = free_port();
     let opts_1 = AgentOptions::new(dmz_opts.tunnel, vec![Service::new(service, port, target_1)]);
@@ -572,4 +580,79 @@ async fn first_bytes_reach_the_next_agent_when_one_refuses() {
         refused >= 1.0,
         "no session met the refusing agent first: the test proved nothing"
     );
+}
+
+/// A listener that completes no more connections: its backlog is full, so the kernel drops
+/// further SYNs and a connect to it hangs. Keep the listener and the held connections.
+async fn blackhole() -> (TcpListener, Vec<TcpStream>, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
+    {
+        held.push(s);
+        assert!(held.len() < 64, "the backlog of {addr} does not fill");
+    }
+    (listener, held, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_go_to_one_agent_only_when_it_does_not_answer() {
+    // The DMZ gives up on an agent that does not answer in time (here its setup timeout, 1 s,
+    // is shorter than the agent's connect timeout to a blackholed target). It cannot tell
+    // whether that agent reached its target, so a partner whose first bytes already went out
+    // is closed rather than sent to the next agent, where they could arrive a second time. A
+    // partner that had sent nothing is tried on the next agent, as before.
+    const SERVICE: &str = "early-timeout";
+    let (_hole, _held, hole) = blackhole().await;
+    let target = targets::tagged_echo(b'2').await;
+    let dmz_opts = DmzOptions {
+        limits: "setup_timeout = \"1s\"".into(),
+        ..Default::default()
+    };
+    let scene = two_agents_with(SERVICE, hole, target.addr, dmz_opts).await;
+
+    let (mut closed, mut served) = (0, 0);
+    for i in 0..6 {
+        let msg = format!("speaks first {i}");
+        let mut s = connect(scene.public).await;
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let got = read_to_end_timed(&mut s).await;
+        if got.is_empty() {
+            closed += 1;
+        } else {
+            assert_eq!(
+                got,
+                format!("2{msg}").as_bytes(),
+                "served once, by engine-2"
+            );
+            served += 1;
+        }
+    }
+    println!(
+        "partners speaking first: {served} served by engine-2, {closed} closed after engine-1 did not answer"
+    );
+    assert!(served >= 1, "engine-2 was never tried first: nothing shown");
+    assert!(
+        closed >= 1,
+        "no partner was closed: first bytes that went to engine-1 were sent to engine-2 too"
+    );
+
+    for i in 0..4 {
+        // Says nothing until the relay has answered: engine-2 serves it even after engine-1
+        // failed to answer.
+        let mut s = connect(scene.public).await;
+        assert_eq!(
+            read_exact_timed(&mut s, 1).await,
+            b"2",
+            "silent partner {i}"
+        );
+        s.write_all(b"then speaks").await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(read_to_end_timed(&mut s).await, b"then speaks");
+    }
 }
