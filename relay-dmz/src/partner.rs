@@ -3,7 +3,6 @@
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -17,7 +16,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::Node;
-use crate::registry::{Carrier, ListenerPolicy, PublicListener};
+use crate::registry::{Busy, Carrier, ListenerPolicy, PublicListener};
 
 /// Pause after an accept error (such as running out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -42,6 +41,7 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                 // runs here (no hand-over to another thread).
                 let here = tokio::runtime::Handle::current();
                 let candidates = node.registry.candidates(&service, &here);
+                let placed = candidates.first().map(Busy::new);
                 let shard = candidates
                     .first()
                     .map(|c| c.runtime.clone())
@@ -55,6 +55,7 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                         &policy,
                         session_id.clone(),
                         candidates,
+                        placed,
                     )
                     .await;
                     if matches!(
@@ -119,6 +120,7 @@ fn tell_an_agent(node: &Node, service: &str, session: String, partner: SocketAdd
 
 /// Runs one partner session; returns its result label and the partner address (from the
 /// PROXY header when the service expects one from a trusted proxy).
+#[allow(clippy::too_many_arguments)]
 async fn admit_and_relay(
     node: &Node,
     partner_stream: TcpStream,
@@ -127,6 +129,7 @@ async fn admit_and_relay(
     policy: &ListenerPolicy,
     session: String,
     candidates: Vec<Arc<Carrier>>,
+    placed: Option<Busy>,
 ) -> (&'static str, SocketAddr) {
     let accepted_at = Instant::now();
     // Taken first, so connections waiting for a PROXY header count against the limit too.
@@ -169,6 +172,7 @@ async fn admit_and_relay(
         prefix,
         accepted_at,
         candidates,
+        placed,
     )
     .await;
     (outcome, partner)
@@ -225,6 +229,7 @@ async fn relay_partner(
     prefix: Bytes,
     accepted_at: Instant,
     candidates: Vec<Arc<Carrier>>,
+    mut placed: Option<Busy>,
 ) -> &'static str {
     let denied = node
         .policy()
@@ -267,6 +272,9 @@ async fn relay_partner(
     let mut last_refusal = None;
     let mut early = Early::new(prefix);
     for carrier in candidates {
+        // Counted on the tunnel tried now; no longer on the one chosen at accept.
+        let busy = Busy::new(&carrier);
+        drop(placed.take());
         let opening = open(&carrier, service, &meta, &partner_stream, &mut early);
         let failed = match tokio::time::timeout(node.limits.setup_timeout, opening).await {
             Ok(Ok((send, recv))) => {
@@ -278,6 +286,7 @@ async fn relay_partner(
                 return relay(
                     node,
                     &carrier,
+                    busy,
                     service,
                     partner_stream,
                     send,
@@ -337,9 +346,11 @@ enum OpenError {
 }
 
 /// Whether a stream that failed this way was certainly not handed to the agent's session
-/// code: refused by HTTP/2 (REFUSED_STREAM) or above the last stream of the peer's GOAWAY.
+/// code: refused by HTTP/2 (REFUSED_STREAM). A GOAWAY error does not tell: h2 gives the same
+/// error to the streams above the GOAWAY's last stream (not processed) and, when the
+/// connection then ends, to those below it (perhaps processed).
 fn not_processed(e: &h2::Error) -> bool {
-    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+    e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// Partner bytes read before an agent answered: sent into the session stream at once, so a
@@ -469,16 +480,17 @@ async fn open(
     Err(OpenError::Refused(refusal, reason))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     node: &Node,
     carrier: &Carrier,
+    busy: Busy,
     service: &str,
     partner: TcpStream,
     send: h2::SendStream<Bytes>,
     recv: RecvStream,
     early: usize,
 ) -> &'static str {
-    carrier.active.fetch_add(1, Ordering::Relaxed);
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::INBOUND);
     active.increment(1.0);
     let counters = PumpCounters::partner_socket(service);
@@ -514,7 +526,7 @@ async fn relay(
     };
     let up = moved.to_stream + early as u64;
     active.decrement(1.0);
-    carrier.active.fetch_sub(1, Ordering::Relaxed);
+    drop(busy);
     metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());
     let label = pump::outcome(&result);
     match result {

@@ -37,12 +37,31 @@ pub struct Carrier {
     pub instance: String,
     /// Opens session streams on this tunnel.
     pub send: h2::client::SendRequest<Bytes>,
-    /// Sessions this tunnel carries now.
+    /// Sessions placed on this tunnel and not ended, those still opening included (see
+    /// [`Busy`]).
     pub active: AtomicUsize,
     /// Messages for the agent's control stream (audit records of refused partners).
     pub control: tokio::sync::mpsc::Sender<DmzMessage>,
     /// The shard this tunnel connection runs on: its sessions' pumps run there too.
     pub runtime: tokio::runtime::Handle,
+}
+
+/// Counts a session on its tunnel, from the moment the tunnel is chosen until dropped. Counted
+/// before the agent answers, so that sessions opened in a burst spread over the tunnels.
+pub struct Busy(Arc<Carrier>);
+
+impl Busy {
+    /// Counts a session on `carrier`.
+    pub fn new(carrier: &Arc<Carrier>) -> Self {
+        carrier.active.fetch_add(1, Ordering::Relaxed);
+        Self(carrier.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How a service admits partners.
@@ -595,16 +614,21 @@ mod tests {
             "idle processes must take turns: {first:?}"
         );
 
-        // A busier tunnel loses to its idle sibling, even off the caller's shard.
-        tunnels[0].active.store(1, Ordering::Relaxed);
+        // A session counts from the moment its tunnel is chosen: the next one, opened before
+        // the first is answered, goes to the idle sibling, even off the caller's shard.
+        let _opening = Busy::new(&tunnels[0]);
         let c = registry.candidates("svc", &here);
         let a = c.iter().find(|c| c.instance == "a").unwrap();
         assert_eq!(a.id, tunnels[1].id, "process a's idle tunnel (shard 1)");
 
-        // A busier process comes second.
-        tunnels[1].active.store(1, Ordering::Relaxed);
+        // A busier process comes second; a session that ends no longer counts.
+        let opening = Busy::new(&tunnels[1]);
         for _ in 0..4 {
             assert_eq!(registry.candidates("svc", &here)[0].instance, "b");
         }
+        drop(opening);
+        let c = registry.candidates("svc", &here);
+        let a = c.iter().find(|c| c.instance == "a").unwrap();
+        assert_eq!(a.id, tunnels[1].id, "the ended session no longer counts");
     }
 }

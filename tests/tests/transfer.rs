@@ -406,10 +406,19 @@ async fn target_reset_resets_the_partner() {
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
 }
 
+/// An address nothing listens on, held so that no other test can take it: connects to it are
+/// refused. Keep the socket.
+fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_target_closes_the_partner_and_is_counted() {
     const SERVICE: &str = "refused-target";
-    let nothing = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_held, nothing) = refusing_addr();
     let relay = relay_to(SERVICE, nothing).await;
     let mut partner = connect(relay.public).await;
     let started = Instant::now();
@@ -462,25 +471,29 @@ async fn two_agents_with(
     target_2: SocketAddr,
     dmz_opts: DmzOptions,
 ) -> TwoAgents {
-    let pki = Pki::new();
+    // Tests in this process share one metrics recorder: a second identity of this test alone
+    // makes the gauge below tell when its agent is in.
+    let second = format!("engine-2-{service}");
+    let pki = Pki::with_agents(&["engine-1", &second]);
     let dmz = start_dmz(&pki, &dmz_opts).await;
     let port = free_port();
     let opts_1 = AgentOptions::new(dmz_opts.tunnel, vec![Service::new(service, port, target_1)]);
     let mut opts_2 =
         AgentOptions::new(dmz_opts.tunnel, vec![Service::new(service, port, target_2)]);
-    opts_2.identity = "engine-2".into();
+    opts_2.identity = second;
+    let agent_2_label = format!("agent=\"{}\"", opts_2.identity);
     let agent_1 = start_agent(&pki, &opts_1).await;
     wait_listener_open(dmz_opts.admin, service).await;
     let agent_2 = start_agent(&pki, &opts_2).await;
-    // Only these tests use the identity engine-2, so the shared gauge tells when it is in.
     let registered = wait_for(WAIT, || async {
         let (_, text) = http_get(dmz_opts.admin, "/metrics").await.unwrap();
-        metric(&text, "relay_tunnels_connected", &["agent=\"engine-2\""]).unwrap_or(0.0) >= 1.0
+        metric(&text, "relay_tunnels_connected", &[&agent_2_label]).unwrap_or(0.0) >= 1.0
     })
     .await;
     assert!(
         registered.is_some(),
-        "engine-2 did not register within {WAIT:?}"
+        "{} did not register within {WAIT:?}",
+        opts_2.identity
     );
     TwoAgents {
         public: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -532,7 +545,7 @@ async fn first_bytes_reach_the_next_agent_when_one_refuses() {
     // bytes, up to 16 KiB). When that agent refuses (its target is down), the next one must get
     // them all, once, in order, and then the rest and the partner's FIN.
     const SERVICE: &str = "early-replay";
-    let nothing = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_held, nothing) = refusing_addr();
     let target = targets::tagged_echo(b'2').await;
     let scene = two_agents(SERVICE, nothing, target.addr).await;
     let (public, dmz_opts) = (scene.public, &scene.dmz_opts);
