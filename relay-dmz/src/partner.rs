@@ -41,9 +41,9 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                 // runs here (no hand-over to another thread).
                 let here = tokio::runtime::Handle::current();
                 let candidates = node.registry.candidates(&service, &here);
-                let placed = candidates.first().map(Busy::new);
-                let shard = candidates
-                    .first()
+                let first = candidates.first();
+                let placed = first.map(Busy::new);
+                let shard = first
                     .map(|c| c.runtime.clone())
                     .filter(|shard| shard.id() != here.id());
                 let session = async move |stream| {

@@ -15,9 +15,11 @@ pub mod targets;
 
 pub use admin::{http_get, http_post, metric, metrics_text, readyz};
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::hash::{BuildHasher, RandomState};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -73,12 +75,60 @@ impl Default for Pki {
     }
 }
 
-/// A TCP port that was free a moment ago (bound to port 0, then released).
+/// A TCP port on 127.0.0.1 that is free now and that nothing else will take before the
+/// caller binds it: see [`free_block`].
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind port 0")
-        .port()
+    free_block(1, &[Ipv4Addr::LOCALHOST])
+}
+
+/// The first of `n` consecutive TCP ports that are free now on each of `ips`.
+///
+/// Ports a test writes into a config (a DMZ's tunnel and admin addresses, the public port an
+/// agent declares) stay unbound for a while, and a public listener closes and reopens with its
+/// agent. They therefore come from outside `net.ipv4.ip_local_port_range`, where the kernel
+/// never picks a port on its own: no outgoing connection of a parallel test can take one as its
+/// source port meanwhile (a port from `bind(0)` could be, and then the DMZ could not bind it).
+/// Each port is handed out once per test process; the starting point is random, so that test
+/// processes running at the same time start far apart.
+pub fn free_block(n: u16, ips: &[Ipv4Addr]) -> u16 {
+    static NEXT: Mutex<Option<u16>> = Mutex::new(None);
+    let (from, to) = unassigned_ports();
+    assert!(to > from + n, "no room for {n} ports in {from}..{to}");
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let cursor = next.get_or_insert_with(|| {
+        from + (RandomState::new().hash_one(std::process::id()) % u64::from(to - from)) as u16
+    });
+    for _ in 0..(to - from) / n {
+        if *cursor > to - n {
+            *cursor = from;
+        }
+        let base = *cursor;
+        *cursor += n;
+        let free = (base..base + n)
+            .all(|port| ips.iter().all(|ip| StdListener::bind((*ip, port)).is_ok()));
+        if free {
+            return base;
+        }
+    }
+    panic!("no block of {n} free ports in {from}..{to}");
+}
+
+/// The larger stretch of ports (from 10000) outside the kernel's ephemeral range.
+fn unassigned_ports() -> (u16, u16) {
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let below = lo.saturating_sub(10_000);
+    let above = 65_535 - hi;
+    if below >= above {
+        (10_000, lo)
+    } else {
+        (hi + 1, 65_535)
+    }
 }
 
 /// Settings of a DMZ node config.

@@ -17,9 +17,8 @@ mod sessions;
 mod sftp;
 
 use std::fs::File;
-use std::hash::{BuildHasher, RandomState};
 use std::io::{BufWriter, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -217,34 +216,6 @@ async fn run_client(cmd: &mut tokio::process::Command, server: &Server) -> Ran {
 /// MiB/s for `bytes` moved in `elapsed`.
 fn rate(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64().max(1e-6)
-}
-
-/// First port of a block of `n` consecutive ports that are free on every address in `ips`,
-/// taken below (or above) the kernel's ephemeral range so outgoing connections do not race
-/// for them.
-fn free_block(n: u16, ips: &[Ipv4Addr]) -> u16 {
-    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| {
-            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
-            Some((it.next()??, it.next()??))
-        })
-        .unwrap_or((32768, 60999));
-    let (from, to) = if lo > 12_000 {
-        (10_000u16, lo - n)
-    } else {
-        (hi.saturating_add(1).max(1024), 65_535 - n)
-    };
-    let seed = RandomState::new();
-    for attempt in 0u32..500 {
-        let base = from + (seed.hash_one(attempt) % u64::from(to - from)) as u16;
-        let free = (base..base + n)
-            .all(|port| ips.iter().all(|ip| StdListener::bind((*ip, port)).is_ok()));
-        if free {
-            return base;
-        }
-    }
-    panic!("no block of {n} free ports found");
 }
 
 /// The DMZ admin endpoint's value of `relay_bytes_total` for `service` and `direction`
