@@ -196,6 +196,11 @@ async fn serve_inbound(
                         }
                     }
                 }
+                Some(Ok((_, mut respond))) if draining => {
+                    // Opened before the DMZ read our drain: refused, so it sends the session
+                    // (and any first bytes) to another agent.
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
                 Some(Ok((request, respond))) => {
                     let agent2 = agent.clone();
                     let dmz = node.addr.clone();
@@ -206,8 +211,10 @@ async fn serve_inbound(
             },
             e = &mut keepalive, if !draining => return Ok(e.to_string()),
             _ = agent.drain.cancelled(), if !draining => {
-                // GOAWAY: the DMZ opens no new session here; streams in flight finish.
-                connection.graceful_shutdown();
+                // The control stream tells the DMZ to open no new session here; streams in
+                // flight finish. No GOAWAY yet: a stream the DMZ opens meanwhile must be
+                // refused (REFUSED_STREAM, certainly not processed), not ignored, or the DMZ
+                // could not tell whether its first bytes reached a target.
                 draining = true;
             }
             _ = agent.stop_tunnels.cancelled() => {

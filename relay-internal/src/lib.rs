@@ -31,6 +31,11 @@ use tokio_util::task::TaskTracker;
 pub use config::AgentConfig;
 use config::{InboundService, Limits};
 
+/// How long tunnels stay open after the drain is announced, at least: a DMZ node that opened a
+/// session before it read the announcement gets a refusal it can act on (the next agent), not
+/// a closed connection.
+const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// State shared by the tasks of one agent.
 pub struct Agent {
     /// Random id of this process, the same on all its tunnels.
@@ -256,6 +261,7 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!(drain_timeout = ?agent.limits.drain_timeout, "shutting down: no new sessions, draining");
     agent.drain.cancel();
+    let drain_started = tokio::time::Instant::now();
     entry_points.wait().await;
     agent.sessions.close();
     if tokio::time::timeout(agent.limits.drain_timeout, agent.sessions.wait())
@@ -266,6 +272,9 @@ pub async fn run(
         agent.stop_sessions.cancel();
         agent.sessions.wait().await;
     }
+    // Sessions the DMZ nodes opened before reading the drain are refused, not lost, while the
+    // tunnels stay open.
+    tokio::time::sleep_until(drain_started + DRAIN_NOTICE).await;
     agent.stop_tunnels.cancel();
     tunnels.close();
     tunnels.wait().await;

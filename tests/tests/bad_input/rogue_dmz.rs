@@ -418,3 +418,70 @@ async fn rogue_dmz_stream_floods_are_cut_off_and_other_tunnels_unaffected() {
     );
     scene.agent_unaffected("20,000 streams").await;
 }
+
+/// A DMZ node that opens a session on a tunnel after the agent announced its drain (here: one
+/// that never reads the announcement) gets REFUSED_STREAM, which tells it that the agent did
+/// not start the session, so it can send the session and its first bytes to another agent.
+/// Ignoring the stream under a GOAWAY and closing would leave the DMZ unable to tell. The
+/// target sees no connection and the agent then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agent_refuses_sessions_opened_after_its_drain() {
+    let _serial = shared().await;
+    let mut scene = Scene::start().await;
+    let tls = scene.rogue.next().await;
+    let conn = RawConn::start(tls, Role::Client);
+    let target_before = scene.target.accepted();
+
+    let pid = nix::unistd::Pid::from_raw(scene.agent.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the agent");
+    scene
+        .agent
+        .wait_line(&["shutting down: no new sessions, draining"], LIMIT)
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // A session request with its first bytes, as a DMZ sends them before the answer.
+    let authority = format!("svc:{}", scene.port);
+    let mut late = h2raw::frame(
+        h2raw::HEADERS,
+        h2raw::END_HEADERS,
+        1,
+        &block(&authority, &scene.meta()),
+    );
+    late.extend(h2raw::frame(h2raw::DATA, 0, 1, b"first bytes"));
+    assert!(
+        conn.send(late).await,
+        "the tunnel closed at once on SIGTERM"
+    );
+    conn.wait_until(LIMIT, |s| {
+        !s.resets.is_empty() || !s.headers.is_empty() || s.ended.is_some()
+    })
+    .await;
+    let stats = conn.stats();
+    println!("late session on a draining agent: {}", stats.summary());
+    assert_eq!(
+        stats.resets,
+        vec![(1, REFUSED_STREAM)],
+        "the draining agent did not refuse the late session: {}",
+        stats.summary()
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        scene.target.accepted(),
+        target_before,
+        "a session refused during the drain reached the target"
+    );
+
+    let start = Instant::now();
+    while alive(scene.agent.pid()) {
+        assert!(
+            start.elapsed() < LIMIT,
+            "the agent did not exit within {LIMIT:?} after SIGTERM:\n{}",
+            scene.agent.tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// RST_STREAM error code REFUSED_STREAM.
+const REFUSED_STREAM: u32 = 0x7;
