@@ -66,6 +66,9 @@ pub async fn run(
                 Ok(Some(AgentMessage::Drain)) => {
                     tracing::info!("agent draining: no new sessions through this tunnel");
                     node.registry.remove(carrier);
+                    if let Err(e) = control::send(&mut send, &DmzMessage::Drained) {
+                        return e.to_string();
+                    }
                 }
                 Ok(None) => return "control stream closed by the agent".into(),
                 Err(e) => return e.to_string(),

@@ -29,6 +29,10 @@ pub async fn serve(
     };
     let mut reader = Reader::new(request.into_body());
     let mut drained = false;
+    // Held until the DMZ confirms the drain (or this stream ends): the agent keeps its tunnels
+    // open until then, so that sessions the DMZ opened before reading the drain are refused
+    // rather than lost.
+    let mut unconfirmed = Some(agent.drain_unconfirmed.token());
     loop {
         let sent = tokio::select! {
             _ = agent.drain.cancelled(), if !drained => {
@@ -45,6 +49,10 @@ pub async fn serve(
             message = reader.next::<DmzMessage>() => match message {
                 Ok(Some(DmzMessage::Registered { services })) => {
                     report_verdicts(&RegistrationAnswer { services }, index);
+                    Ok(())
+                }
+                Ok(Some(DmzMessage::Drained)) => {
+                    drop(unconfirmed.take());
                     Ok(())
                 }
                 Ok(Some(DmzMessage::Refused(r))) => {

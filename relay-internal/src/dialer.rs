@@ -80,6 +80,12 @@ pub async fn maintain(agent: Arc<Agent>, node_idx: usize, node: DmzNode, index: 
         if agent.stop_tunnels.is_cancelled() {
             return;
         }
+        if agent.drain.is_cancelled() {
+            // A draining agent opens no new tunnel: a DMZ node would send it new sessions.
+            span.in_scope(|| tracing::info!("tunnel ended during the drain; not reconnecting"));
+            agent.stop_tunnels.cancelled().await;
+            return;
+        }
         match result {
             Ok(reason) => {
                 backoff.reset();
@@ -212,15 +218,23 @@ async fn serve_inbound(
             e = &mut keepalive, if !draining => return Ok(e.to_string()),
             _ = agent.drain.cancelled(), if !draining => {
                 // The control stream tells the DMZ to open no new session here; streams in
-                // flight finish. No GOAWAY yet: a stream the DMZ opens meanwhile must be
-                // refused (REFUSED_STREAM, certainly not processed), not ignored, or the DMZ
-                // could not tell whether its first bytes reached a target.
+                // flight finish. No GOAWAY until the DMZ confirms: a stream it opens meanwhile
+                // must be refused (REFUSED_STREAM, certainly not processed), not ignored, or
+                // the DMZ could not tell whether its first bytes reached a target.
                 draining = true;
             }
             _ = agent.stop_tunnels.cancelled() => {
                 // GOAWAY, then let h2 close the TLS stream (close_notify) for a clean end.
                 connection.abrupt_shutdown(h2::Reason::NO_ERROR);
-                let _ = tokio::time::timeout(CLOSE_GRACE, async { while connection.accept().await.is_some() {} }).await;
+                // Streams that arrived before the GOAWAY are refused, not dropped unanswered.
+                let refuse_late = async {
+                    while let Some(next) = connection.accept().await {
+                        if let Ok((_, mut respond)) = next {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(CLOSE_GRACE, refuse_late).await;
                 return Ok("agent stopped".into());
             }
         }

@@ -31,10 +31,8 @@ use tokio_util::task::TaskTracker;
 pub use config::AgentConfig;
 use config::{InboundService, Limits};
 
-/// How long tunnels stay open after the drain is announced, at least: a DMZ node that opened a
-/// session before it read the announcement gets a refusal it can act on (the next agent), not
-/// a closed connection.
-const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long, at most, tunnels wait for their DMZ node to confirm the drain before they close.
+const DRAIN_CONFIRM_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// State shared by the tasks of one agent.
 pub struct Agent {
@@ -51,8 +49,10 @@ pub struct Agent {
     pub(crate) limits: Limits,
     pub(crate) session_limit: Arc<Semaphore>,
     pub(crate) sessions: TaskTracker,
-    /// Cancelled on shutdown: tunnels send GOAWAY and take no new session.
+    /// Cancelled on shutdown: tunnels announce the drain and refuse new sessions.
     pub(crate) drain: CancellationToken,
+    /// One token per inbound control stream whose DMZ node has not confirmed the drain.
+    pub(crate) drain_unconfirmed: TaskTracker,
     /// Cancelled after the drain: tunnels close.
     pub(crate) stop_tunnels: CancellationToken,
     /// Cancelled at the drain deadline: sessions still running are reset.
@@ -167,6 +167,7 @@ pub async fn run(
         session_limit: Arc::new(Semaphore::new(config.limits.max_sessions)),
         sessions: TaskTracker::new(),
         drain: CancellationToken::new(),
+        drain_unconfirmed: TaskTracker::new(),
         stop_tunnels: CancellationToken::new(),
         stop_sessions: CancellationToken::new(),
         connected: Mutex::new(config.dmz.iter().map(|n| (n.addr.clone(), 0)).collect()),
@@ -261,7 +262,6 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!(drain_timeout = ?agent.limits.drain_timeout, "shutting down: no new sessions, draining");
     agent.drain.cancel();
-    let drain_started = tokio::time::Instant::now();
     entry_points.wait().await;
     agent.sessions.close();
     if tokio::time::timeout(agent.limits.drain_timeout, agent.sessions.wait())
@@ -272,9 +272,15 @@ pub async fn run(
         agent.stop_sessions.cancel();
         agent.sessions.wait().await;
     }
-    // Sessions the DMZ nodes opened before reading the drain are refused, not lost, while the
-    // tunnels stay open.
-    tokio::time::sleep_until(drain_started + DRAIN_NOTICE).await;
+    // Until every DMZ node has confirmed the drain, it may still open sessions here: they are
+    // refused, not lost, while the tunnels stay open.
+    agent.drain_unconfirmed.close();
+    if tokio::time::timeout(DRAIN_CONFIRM_LIMIT, agent.drain_unconfirmed.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(limit = ?DRAIN_CONFIRM_LIMIT, "a DMZ node did not confirm the drain in time; closing its tunnels anyway");
+    }
     agent.stop_tunnels.cancel();
     tunnels.close();
     tunnels.wait().await;

@@ -131,6 +131,9 @@ pub enum DmzMessage {
     /// A partner connection the DMZ refused before any agent saw it, for the agent's audit
     /// trail (the DMZ keeps no record).
     Refused(RefusedSession),
+    /// The answer to [`AgentMessage::Drain`]: the DMZ opens no more sessions on this
+    /// connection, and every one it opened before was sent ahead of this message.
+    Drained,
 }
 
 /// A partner connection refused by the DMZ.

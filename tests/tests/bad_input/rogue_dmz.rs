@@ -419,69 +419,89 @@ async fn rogue_dmz_stream_floods_are_cut_off_and_other_tunnels_unaffected() {
     scene.agent_unaffected("20,000 streams").await;
 }
 
-/// A DMZ node that opens a session on a tunnel after the agent announced its drain (here: one
-/// that never reads the announcement) gets REFUSED_STREAM, which tells it that the agent did
-/// not start the session, so it can send the session and its first bytes to another agent.
-/// Ignoring the stream under a GOAWAY and closing would leave the DMZ unable to tell. The
-/// target sees no connection and the agent then exits.
+/// A DMZ node that opens a session on a tunnel after the agent announced its drain, before it
+/// read the announcement, gets REFUSED_STREAM: a sure sign that the agent did not start the
+/// session, so the DMZ can send the session and its first bytes to another agent. (Under
+/// HTTP/2's graceful shutdown the stream would be ignored and the connection closed, and the
+/// DMZ could not tell.) The target sees no connection; the agent keeps the tunnel until the
+/// DMZ confirms the drain, then exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_agent_refuses_sessions_opened_after_its_drain() {
+async fn a_draining_agent_refuses_sessions_opened_before_the_dmz_read_the_drain() {
     let _serial = shared().await;
     let mut scene = Scene::start().await;
     let tls = scene.rogue.next().await;
-    let conn = RawConn::start(tls, Role::Client);
+    let (send, connection) = tokio::time::timeout(
+        LIMIT,
+        relay_tunnel::h2conf::client().handshake::<_, Bytes>(tls),
+    )
+    .await
+    .expect("HTTP/2 handshake in time")
+    .expect("HTTP/2 handshake with the agent");
+    tokio::spawn(connection);
+    let control_request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("https://relay{}", protocol::CONTROL_PATH))
+        .body(())
+        .unwrap();
+    let (status, _, mut control_send, control_recv) = ask(&send, control_request).await;
+    assert_eq!(status, StatusCode::OK, "control stream refused");
+    let mut control = relay_tunnel::control::Reader::new(control_recv);
     let target_before = scene.target.accepted();
 
     let pid = nix::unistd::Pid::from_raw(scene.agent.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the agent");
-    scene
-        .agent
-        .wait_line(&["shutting down: no new sessions, draining"], LIMIT)
-        .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let drain = tokio::time::timeout(LIMIT, control.next::<protocol::AgentMessage>())
+        .await
+        .expect("the agent announced no drain in time")
+        .expect("control message");
+    assert_eq!(drain, Some(protocol::AgentMessage::Drain));
 
-    // A session request with its first bytes, as a DMZ sends them before the answer.
-    let authority = format!("svc:{}", scene.port);
-    let mut late = h2raw::frame(
-        h2raw::HEADERS,
-        h2raw::END_HEADERS,
-        1,
-        &block(&authority, &scene.meta()),
-    );
-    late.extend(h2raw::frame(h2raw::DATA, 0, 1, b"first bytes"));
-    assert!(
-        conn.send(late).await,
-        "the tunnel closed at once on SIGTERM"
-    );
-    conn.wait_until(LIMIT, |s| {
-        !s.resets.is_empty() || !s.headers.is_empty() || s.ended.is_some()
-    })
-    .await;
-    let stats = conn.stats();
-    println!("late session on a draining agent: {}", stats.summary());
-    assert_eq!(
-        stats.resets,
-        vec![(1, REFUSED_STREAM)],
-        "the draining agent did not refuse the late session: {}",
-        stats.summary()
-    );
+    // The DMZ had already chosen this tunnel: a session request with its first bytes.
+    let mut ready = tokio::time::timeout(LIMIT, send.clone().ready())
+        .await
+        .expect("tunnel ready in time")
+        .expect("the tunnel is open during the drain");
+    let request = connect_request(&format!("svc:{}", scene.port), Some(&scene.meta()));
+    let (response, mut up) = ready.send_request(request, false).expect("send request");
+    let _ = up.send_data(Bytes::from_static(b"first bytes"), false);
+    let answer = tokio::time::timeout(LIMIT, response)
+        .await
+        .expect("the draining agent did not answer in time");
+    match answer {
+        Err(e) => assert_eq!(
+            e.reason(),
+            Some(h2::Reason::REFUSED_STREAM),
+            "the draining agent ended the late session with \"{e}\", not REFUSED_STREAM"
+        ),
+        Ok(response) => panic!(
+            "the draining agent accepted a new session: {}",
+            response.status()
+        ),
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         scene.target.accepted(),
         target_before,
         "a session refused during the drain reached the target"
     );
+    assert!(
+        alive(scene.agent.pid()),
+        "the agent did not wait for the confirmation"
+    );
 
+    relay_tunnel::control::send(&mut control_send, &protocol::DmzMessage::Drained)
+        .expect("confirm the drain");
     let start = Instant::now();
     while alive(scene.agent.pid()) {
         assert!(
             start.elapsed() < LIMIT,
-            "the agent did not exit within {LIMIT:?} after SIGTERM:\n{}",
+            "the agent did not exit within {LIMIT:?} after the drain was confirmed:\n{}",
             scene.agent.tail(20)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    println!(
+        "draining agent: REFUSED_STREAM for a late session; exited {:?} after the confirmation",
+        start.elapsed()
+    );
 }
-
-/// RST_STREAM error code REFUSED_STREAM.
-const REFUSED_STREAM: u32 = 0x7;
