@@ -304,6 +304,10 @@ async fn relay_partner(
                 last_refusal = Some(refusal);
                 continue;
             }
+            Ok(Err(OpenError::Retired)) => {
+                tracing::debug!(agent = %carrier.agent, "tunnel left service before the session was opened; trying the next");
+                continue;
+            }
             Ok(Err(OpenError::Tunnel(e))) if early.exposed && !not_processed(&e) => {
                 (format!("tunnel failed opening the session: {e}"), "reset")
             }
@@ -341,6 +345,8 @@ async fn relay_partner(
 
 enum OpenError {
     Refused(Refusal, String),
+    /// The tunnel left the registry (its agent drains) before the stream was opened.
+    Retired,
     Tunnel(h2::Error),
     Partner(std::io::Error),
 }
@@ -439,9 +445,15 @@ async fn open(
         .ready()
         .await
         .map_err(OpenError::Tunnel)?;
-    let (response, mut send) = send_request
-        .send_request(req, false)
-        .map_err(OpenError::Tunnel)?;
+    let (response, mut send) = {
+        let retired = crate::registry::lock(&carrier.retired);
+        if *retired {
+            return Err(OpenError::Retired);
+        }
+        send_request
+            .send_request(req, false)
+            .map_err(OpenError::Tunnel)?
+    };
     tokio::pin!(response);
     // A stream that takes no more data has been refused or has failed: its answer, or the
     // error in its place, says which.

@@ -44,6 +44,10 @@ pub struct Carrier {
     pub control: tokio::sync::mpsc::Sender<DmzMessage>,
     /// The shard this tunnel connection runs on: its sessions' pumps run there too.
     pub runtime: tokio::runtime::Handle,
+    /// Set when the tunnel leaves the registry (its agent drains, or it is gone). Session
+    /// streams are opened under this lock, so none is opened after the agent's drain was
+    /// answered (`drained` is sent after [`Registry::remove`]).
+    pub retired: std::sync::Mutex<bool>,
 }
 
 /// Counts a session on its tunnel, from the moment the tunnel is chosen until dropped. Counted
@@ -148,7 +152,7 @@ pub struct Registry {
     next_id: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves consistent data (every update is one step).
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -475,6 +479,7 @@ impl Registry {
     /// Removes a tunnel (gone, or draining: it takes no new session); closes the listeners it
     /// was the last to serve.
     pub fn remove(&self, carrier: &Carrier) {
+        *lock(&carrier.retired) = true;
         let mut inner = lock(&self.inner);
         let Some(names) = inner.carrier_services.remove(&carrier.id) else {
             return;
@@ -584,6 +589,7 @@ mod tests {
                 active: AtomicUsize::new(0),
                 control: control.clone(),
                 runtime: shard(on),
+                retired: Default::default(),
             });
             registry.activate(reservation, &carrier);
             tunnels.push(carrier);

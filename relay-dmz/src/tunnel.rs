@@ -155,6 +155,7 @@ pub async fn serve(
         active: Default::default(),
         control: outbox,
         runtime: tokio::runtime::Handle::current(),
+        retired: Default::default(),
     });
     let guard = CarrierGuard {
         node: &node,
