@@ -145,6 +145,20 @@ impl Scene {
         }
     }
 
+    /// The HTTP/2 client of the agent's next connection to the rogue DMZ, as a DMZ node has.
+    async fn h2_client(&mut self) -> h2::client::SendRequest<Bytes> {
+        let tls = self.rogue.next().await;
+        let (send, connection) = tokio::time::timeout(
+            LIMIT,
+            relay_tunnel::h2conf::client().handshake::<_, Bytes>(tls),
+        )
+        .await
+        .expect("HTTP/2 handshake in time")
+        .expect("HTTP/2 handshake with the agent");
+        tokio::spawn(connection);
+        send
+    }
+
     fn meta(&self) -> SessionMeta {
         SessionMeta {
             partner: "198.51.100.7:40000".parse().unwrap(),
@@ -211,15 +225,7 @@ fn connect_request(authority: &str, meta: Option<&SessionMeta>) -> Request<()> {
 async fn rogue_dmz_cannot_make_the_agent_reach_anything_but_its_targets() {
     let _serial = shared().await;
     let mut scene = Scene::start().await;
-    let tls = scene.rogue.next().await;
-    let (send, connection) = tokio::time::timeout(
-        LIMIT,
-        relay_tunnel::h2conf::client().handshake::<_, Bytes>(tls),
-    )
-    .await
-    .expect("HTTP/2 handshake in time")
-    .expect("HTTP/2 handshake with the agent");
-    tokio::spawn(connection);
+    let send = scene.h2_client().await;
     let meta = scene.meta();
     let fport = scene.forbidden.addr.port();
     let port = scene.port;
@@ -429,15 +435,7 @@ async fn rogue_dmz_stream_floods_are_cut_off_and_other_tunnels_unaffected() {
 async fn a_draining_agent_refuses_sessions_opened_before_the_dmz_read_the_drain() {
     let _serial = shared().await;
     let mut scene = Scene::start().await;
-    let tls = scene.rogue.next().await;
-    let (send, connection) = tokio::time::timeout(
-        LIMIT,
-        relay_tunnel::h2conf::client().handshake::<_, Bytes>(tls),
-    )
-    .await
-    .expect("HTTP/2 handshake in time")
-    .expect("HTTP/2 handshake with the agent");
-    tokio::spawn(connection);
+    let send = scene.h2_client().await;
     let control_request = Request::builder()
         .method(Method::POST)
         .uri(format!("https://relay{}", protocol::CONTROL_PATH))
