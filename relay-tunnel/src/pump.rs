@@ -9,10 +9,12 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -50,10 +52,13 @@ pub enum PumpError {
     /// The relay stopped the session (shutdown deadline).
     #[error("stopped by shutdown")]
     Stopped,
+    /// The pump's task panicked (a bug): both sides were reset.
+    #[error("internal error: the session's task panicked")]
+    Panicked,
 }
 
-/// The result label of a session that ran: `ok`, `idle`, `half_closed`, `drain_timeout` or
-/// `reset`.
+/// The result label of a session that ran: `ok`, `idle`, `half_closed`, `drain_timeout`,
+/// `reset` or `internal_error`.
 pub fn outcome(result: &Result<(), PumpError>) -> &'static str {
     match result {
         Ok(()) => "ok",
@@ -61,6 +66,7 @@ pub fn outcome(result: &Result<(), PumpError>) -> &'static str {
         Err(PumpError::HalfClosed(_)) => "half_closed",
         Err(PumpError::Stopped) => "drain_timeout",
         Err(PumpError::Socket(_) | PumpError::Stream(_)) => "reset",
+        Err(PumpError::Panicked) => "internal_error",
     }
 }
 
@@ -103,9 +109,31 @@ pub struct PumpLimits {
 /// Copies bytes both ways until both directions have ended, one side resets, a time limit
 /// runs out, or `stop` is cancelled. On error both sides are reset. `prefix` holds bytes
 /// already read from the socket (after a proxy request or PROXY header); they are sent into
-/// the stream first.
+/// the stream first. A panic inside (a bug) resets both sides too and is returned as
+/// [`PumpError::Panicked`], so the session is counted and nothing else is disturbed.
 pub async fn pump(
     tcp: TcpStream,
+    prefix: Bytes,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    counters: &PumpCounters,
+    limits: PumpLimits,
+    stop: &CancellationToken,
+) -> (Transferred, Result<(), PumpError>) {
+    let run = copy_both_ways(&tcp, prefix, send, recv, counters, limits, stop);
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(done) => done,
+        Err(_) => {
+            // The streams were dropped with the future: h2 resets them (CANCEL).
+            tracing::error!("session task panicked: both sides reset");
+            net::set_reset_on_close(&tcp);
+            (Transferred::default(), Err(PumpError::Panicked))
+        }
+    }
+}
+
+async fn copy_both_ways(
+    tcp: &TcpStream,
     prefix: Bytes,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
@@ -136,12 +164,12 @@ pub async fn pump(
             counters.to_stream.increment(n);
             to_stream.fetch_add(n, Ordering::Relaxed);
         }
-        let r = socket_to_stream(&tcp, &mut send, &counters.to_stream, &to_stream, &touch).await;
+        let r = socket_to_stream(tcp, &mut send, &counters.to_stream, &to_stream, &touch).await;
         ended(&r);
         r
     };
     let down = async {
-        let r = stream_to_socket(&mut recv, &tcp, &counters.to_socket, &to_socket, &touch).await;
+        let r = stream_to_socket(&mut recv, tcp, &counters.to_socket, &to_socket, &touch).await;
         ended(&r);
         r
     };
@@ -178,7 +206,7 @@ pub async fn pump(
     };
     if result.is_err() {
         send.send_reset(Reason::CANCEL);
-        net::set_reset_on_close(&tcp);
+        net::set_reset_on_close(tcp);
     }
     let moved = Transferred {
         to_stream: to_stream.into_inner(),
@@ -220,7 +248,7 @@ pub async fn pump_on(
     );
     match task.await {
         Ok(result) => result,
-        // Cancelled (its runtime shut down) or panicked.
+        // Cancelled: its runtime shut down (the pump catches its own panics).
         Err(_) => (Transferred::default(), Err(PumpError::Stopped)),
     }
 }
@@ -310,4 +338,91 @@ async fn stream_to_socket(
         total.fetch_add(n as u64, Ordering::Relaxed);
     }
     net::shutdown_write(tcp).map_err(PumpError::Socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A counter whose every increment panics: a bug in the middle of a running pump.
+    struct Broken;
+
+    impl metrics::CounterFn for Broken {
+        fn increment(&self, _: u64) {
+            panic!("a bug in the pump");
+        }
+        fn absolute(&self, _: u64) {}
+    }
+
+    #[tokio::test]
+    async fn a_pump_that_panics_resets_both_sides_and_says_so() {
+        // One HTTP/2 stream over an in-memory connection: the pump gets the server's end.
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            (send, request.into_body())
+        });
+        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let (response, _client_send) = client.send_request(http::Request::new(()), false).unwrap();
+        let (send, recv) = server.await.unwrap();
+        let mut from_pump = response.await.unwrap().into_body();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        peer.write_all(b"first bytes").await.unwrap();
+
+        let broken = metrics::Counter::from_arc(Arc::new(Broken));
+        let counters = PumpCounters {
+            to_stream: broken.clone(),
+            to_socket: broken,
+        };
+        let limits = PumpLimits {
+            idle_timeout: Duration::from_secs(60),
+            half_closed_timeout: Duration::from_secs(60),
+        };
+        let stop = CancellationToken::new();
+        let (_, result) = tokio::time::timeout(
+            Duration::from_secs(10),
+            pump(tcp, Bytes::new(), send, recv, &counters, limits, &stop),
+        )
+        .await
+        .expect("the pump returns");
+        assert!(matches!(result, Err(PumpError::Panicked)), "{result:?}");
+        assert_eq!(outcome(&result), "internal_error");
+
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(10), peer.read(&mut buf))
+            .await
+            .expect("the socket's peer learns at once");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "a reset, not a clean end of stream"
+        );
+        let stream_end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match from_pump.data().await {
+                    Some(Ok(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the stream's peer learns at once");
+        let reason = stream_end.and_then(|r| r.err()).and_then(|e| e.reason());
+        assert_eq!(reason, Some(Reason::CANCEL), "the stream is reset");
+    }
 }
