@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod outbound;
 pub mod partner;
+pub mod pending;
 pub mod registry;
 mod reload;
 pub mod tunnel;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_tunnel::admin;
+use relay_tunnel::metrics as m;
 use relay_tunnel::net::bind_reuse;
 use relay_tunnel::shards::{ShardHandles, Shards};
 use tokio::net::TcpListener;
@@ -28,11 +30,6 @@ use tokio_util::task::TaskTracker;
 pub use config::DmzConfig;
 use config::Limits;
 use registry::Registry;
-
-/// Unauthenticated agent connections handled at once; more wait in the kernel backlog. Each
-/// holds a few KiB for at most `limits.handshake_timeout`, so hundreds of slow clients cannot
-/// keep a real agent out.
-const MAX_PENDING_TUNNELS: usize = 2048;
 
 /// The sockets a DMZ node serves, bound by the caller (port 0 in tests).
 #[derive(Debug)]
@@ -206,16 +203,25 @@ pub async fn run(
 
     tracing::info!(addr = %display_addr(&listeners.tunnel), "tunnel listener up; public listeners open when agents register");
     let tunnels = TaskTracker::new();
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_TUNNELS));
+    let pending = pending::Pending::new();
     loop {
-        let permit = tokio::select! {
+        let room = tokio::select! {
             _ = shutdown.cancelled() => break,
-            p = pending.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            room = pending.room() => room,
         };
         let Some((stream, peer)) =
             relay_tunnel::net::accept(&listeners.tunnel, &shutdown, "tunnel listener").await
         else {
             break;
+        };
+        let Some(slot) = pending.take(room, peer.ip()) else {
+            relay_tunnel::net::set_reset_on_close(&stream);
+            metrics::counter!(m::REJECTIONS, "reason" => "pending_limit").increment(1);
+            metrics::counter!(m::TUNNEL_CONNECTS, "result" => "pending_limit").increment(1);
+            if let Some(held_back) = node.log_limit.check("pending_limit") {
+                tracing::warn!(%peer, limit = pending::MAX_PENDING_PER_SOURCE, held_back, "agent connection refused: too many unauthenticated connections from this source");
+            }
+            continue;
         };
         // The tunnel connection moves to its shard: its socket is registered there.
         let Ok(stream) = stream.into_std() else {
@@ -230,9 +236,9 @@ pub async fn run(
                 let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                     return;
                 };
-                // The permit bounds handshakes in progress; the tunnel lets it go once the
+                // The slot bounds handshakes in progress; the tunnel lets it go once the
                 // agent is authenticated and registered.
-                tunnel::serve(stream, peer, node, permit).await;
+                tunnel::serve(stream, peer, node, slot).await;
             },
             &shard,
         );

@@ -57,7 +57,7 @@ pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     node: Arc<Node>,
-    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    handshake_permit: crate::pending::Slot,
 ) {
     let started = Instant::now();
     let _ = stream.set_nodelay(true);

@@ -1,7 +1,7 @@
 //! Strangers on the tunnel port: garbage, slowloris, and a tunnel whose path turns into a
 //! black hole.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -117,8 +117,18 @@ async fn garbage_on_the_tunnel_port_is_closed_and_counted() {
     assert!(alive(dmz.pid()), "the DMZ process died");
 }
 
-/// A slowloris client: holds a connection to `addr` and sends `bytes` one per second,
-/// reconnecting when the server closes it, until `stop`.
+/// The source address of every slowloris client: another host than the legitimate peers.
+const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// Connects to `addr` from `from`.
+async fn connect_from(from: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
+}
+
+/// A slowloris client from [`ATTACKER`]: holds a connection to `addr` and sends `bytes` one
+/// per second, reconnecting a second after the server closes it, until `stop`.
 async fn slowloris(
     addr: SocketAddr,
     bytes: Arc<Vec<u8>>,
@@ -129,7 +139,7 @@ async fn slowloris(
     while !stop.is_cancelled() {
         let s = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)) => r,
+            r = tokio::time::timeout(Duration::from_secs(5), connect_from(ATTACKER, addr)) => r,
         };
         let Ok(Ok(mut s)) = s else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -157,6 +167,10 @@ async fn slowloris(
         }
         connected.fetch_sub(1, Ordering::Relaxed);
         cut.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
@@ -195,13 +209,16 @@ async fn legit_agent_connects(
     Ok((start.elapsed(), tls))
 }
 
-/// Slowloris: 500 connections to the tunnel port and 500 to a public port, each sending one
-/// byte per second (and reconnecting when cut). Meanwhile a legitimate agent still connects
-/// (TLS + registration answered) and a legitimate partner still gets an echo, each in under
-/// 1 s.
+/// Slowloris from one host: 2,100 connections to the tunnel port (more than the DMZ handles
+/// unauthenticated at once, 2,048) and 500 to a public port, each sending one byte per second
+/// (and reconnecting a second after it is cut). The DMZ keeps 64 unauthenticated connections of
+/// that host and closes the rest at once (`pending_limit`). Meanwhile a legitimate agent on
+/// another host still connects (TLS + registration answered) and a legitimate partner still
+/// gets an echo, each in under 1 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_on_tunnel_and_public_ports_does_not_lock_out_legitimate_peers() {
-    const SLOW: usize = 500;
+    const SLOW_TUNNEL: usize = 2100;
+    const SLOW_PUBLIC: usize = 500;
     const BOUND: Duration = Duration::from_secs(1);
     let _serial = exclusive().await;
     let pki = Pki::new();
@@ -224,7 +241,7 @@ async fn slowloris_on_tunnel_and_public_ports_does_not_lock_out_legitimate_peers
     let public_conns = Arc::new(AtomicUsize::new(0));
     let public_cut = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..SLOW {
+    for _ in 0..SLOW_TUNNEL {
         tasks.push(tokio::spawn(slowloris(
             dmz.opts.tunnel,
             hello.clone(),
@@ -232,6 +249,8 @@ async fn slowloris_on_tunnel_and_public_ports_does_not_lock_out_legitimate_peers
             tunnel_conns.clone(),
             tunnel_cut.clone(),
         )));
+    }
+    for _ in 0..SLOW_PUBLIC {
         tasks.push(tokio::spawn(slowloris(
             legit.public,
             junk.clone(),
@@ -243,15 +262,17 @@ async fn slowloris_on_tunnel_and_public_ports_does_not_lock_out_legitimate_peers
     let flood_start = Instant::now();
     // Let the flood establish itself.
     let all_in = wait_for(Duration::from_secs(15), || {
-        let t = tunnel_conns.clone();
+        let (t, cut) = (tunnel_conns.clone(), tunnel_cut.clone());
         let p = public_conns.clone();
-        async move { t.load(Ordering::Relaxed) >= SLOW && p.load(Ordering::Relaxed) >= SLOW }
+        async move {
+            t.load(Ordering::Relaxed) + cut.load(Ordering::Relaxed) >= SLOW_TUNNEL
+                && p.load(Ordering::Relaxed) >= SLOW_PUBLIC
+        }
     })
     .await;
     println!(
-        "flood up after {:?} (all {} in: {}); slow tunnel connections {}, slow public connections {}",
+        "flood up after {:?} (every client connected once: {}); slow tunnel connections {}, slow public connections {}",
         flood_start.elapsed(),
-        2 * SLOW,
         all_in.is_some(),
         tunnel_conns.load(Ordering::Relaxed),
         public_conns.load(Ordering::Relaxed)
@@ -291,10 +312,15 @@ async fn slowloris_on_tunnel_and_public_ports_does_not_lock_out_legitimate_peers
         let _ = t.await;
     }
     let rejected = dmz.rejections("tls_handshake").await;
+    let over_share = dmz.rejections("pending_limit").await;
     println!(
-        "slowloris: legitimate agent connect times {agent_times:?}, partner echo times {partner_times:?}; DMZ tls_handshake rejections {rejected}"
+        "slowloris: legitimate agent connect times {agent_times:?}, partner echo times {partner_times:?}; DMZ rejections: tls_handshake {rejected}, pending_limit {over_share}"
     );
     assert!(alive(dmz.pid()), "the DMZ process died");
+    assert!(
+        over_share >= (SLOW_TUNNEL - 64) as f64,
+        "the attacker's connections beyond its 64 must be closed at once: pending_limit {over_share}"
+    );
     assert!(failures.is_empty(), "probes failed: {failures:#?}");
     for t in agent_times.iter().chain(&partner_times) {
         assert!(
