@@ -174,26 +174,8 @@ pub async fn run(
         log_limit: relay_tunnel::ratelog::RateLimit::new(std::time::Duration::from_secs(1)),
         config: Mutex::new(config.clone()),
     });
-    let reload_agent = agent.clone();
-    let reloader: admin::Reloader = Arc::new(move || reload::reload(&reload_agent));
-    tokio::spawn(relay_tunnel::signals::on_reload(
-        reloader.clone(),
-        shutdown.clone(),
-    ));
-
-    let admin_stop = CancellationToken::new();
-    let admin_task = admin_listener.map(|l| {
-        let a = agent.clone();
-        tokio::spawn(admin::serve(
-            l,
-            Arc::new(move || a.readiness()),
-            Some(reloader.clone()),
-            metrics,
-            admin_stop.clone(),
-        ))
-    });
-
-    // Bind the engine-facing listeners first: a taken port is a startup error, not a log line.
+    // Bind the engine-facing listeners first: a taken port is a startup error, not a log line,
+    // and it returns before any task (admin endpoint, reload signal) is started.
     let mut fixed = Vec::new();
     for spec in &config.outbound {
         let listener = bind_reuse(spec.listen).map_err(|e| {
@@ -214,6 +196,26 @@ pub async fn run(
     // Each tunnel connection runs on a shard, with the sessions it carries; the shards stop
     // when this function returns, after every tunnel and session has ended.
     let shards = Shards::per_core("relay-internal-shard")?;
+
+    let reload_agent = agent.clone();
+    let reloader: admin::Reloader = Arc::new(move || reload::reload(&reload_agent));
+    tokio::spawn(relay_tunnel::signals::on_reload(
+        reloader.clone(),
+        shutdown.clone(),
+    ));
+
+    let admin_stop = CancellationToken::new();
+    let admin_task = admin_listener.map(|l| {
+        let a = agent.clone();
+        tokio::spawn(admin::serve(
+            l,
+            Arc::new(move || a.readiness()),
+            Some(reloader.clone()),
+            metrics,
+            admin_stop.clone(),
+        ))
+    });
+
     let shard = shards.handles();
     let tunnels = TaskTracker::new();
     let kinds: &[dialer::Kind] = if config.has_outbound() {

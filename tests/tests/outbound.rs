@@ -244,3 +244,34 @@ async fn via_pins_an_outbound_mapping_to_its_nodes() {
         "node 1 is not in via: no session"
     );
 }
+
+/// An agent whose `[[outbound]]` port is taken fails to start with an error naming the mapping
+/// and the port, and leaves nothing running behind it: its admin port is free again at once
+/// (in one process, an agent started again after fixing the config binds it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_outbound_port_is_taken_fails_and_leaves_nothing_running() {
+    let pki = Pki::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().unwrap();
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut opts = AgentOptions::new(nowhere, vec![]);
+    opts.extra = format!(
+        "\n[[outbound]]\nname = \"partner-x\"\nlisten = \"{port}\"\ntarget = \"127.0.0.1:9\"\n"
+    );
+    let agent = start_agent(&pki, &opts).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), agent.stop())
+        .await
+        .expect("run returns")
+        .expect_err("the port is taken");
+    let text = err.to_string();
+    assert!(
+        text.contains("partner-x") && text.contains(&port.to_string()),
+        "the error names the mapping and the port: {text}"
+    );
+    std::net::TcpListener::bind(opts.admin).unwrap_or_else(|e| {
+        panic!(
+            "admin port {} still held after the failed start: {e}",
+            opts.admin
+        )
+    });
+}
