@@ -46,6 +46,31 @@ pub fn init_tracing(format: LogFormat) {
             .with_span_list(false)
             .try_init(),
     };
+    log_panics();
+}
+
+/// Reports every panic (a bug) as one error event of the log, in the span it happened in (a
+/// session's, with its id), instead of as plain text on stderr, which a JSON log would not
+/// parse. A backtrace is added when `RUST_BACKTRACE` asks for one.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(a value that is not text)");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(%location, %backtrace, "panic: {message}");
+        } else {
+            tracing::error!(%location, "panic: {message}");
+        }
+    }));
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle; later calls
