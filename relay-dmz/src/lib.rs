@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_tunnel::admin;
-use relay_tunnel::metrics as m;
 use relay_tunnel::net::bind_reuse;
 use relay_tunnel::shards::{ShardHandles, Shards};
 use tokio::net::TcpListener;
@@ -216,11 +215,8 @@ pub async fn run(
         };
         let Some(slot) = pending.take(room, peer.ip()) else {
             relay_tunnel::net::set_reset_on_close(&stream);
-            metrics::counter!(m::REJECTIONS, "reason" => "pending_limit").increment(1);
-            metrics::counter!(m::TUNNEL_CONNECTS, "result" => "pending_limit").increment(1);
-            if let Some(held_back) = node.log_limit.check("pending_limit") {
-                tracing::warn!(%peer, limit = pending::MAX_PENDING_PER_SOURCE, held_back, "agent connection refused: too many unauthenticated connections from this source");
-            }
+            let refused = tunnel::Refused::PendingLimit(pending::MAX_PENDING_PER_SOURCE);
+            tunnel::refuse(&node, peer, &refused);
             continue;
         };
         // The tunnel connection moves to its shard: its socket is registered there.

@@ -19,7 +19,9 @@ use crate::{control, outbound, partner};
 
 /// Why an agent connection was refused before it became a tunnel.
 #[derive(Debug, thiserror::Error)]
-enum Refused {
+pub(crate) enum Refused {
+    #[error("{0} connections from this source are already in their handshake")]
+    PendingLimit(usize),
     #[error("TLS handshake failed: {0}")]
     Handshake(std::io::Error),
     #[error("TLS handshake not finished within {0:?}")]
@@ -44,11 +46,22 @@ impl Refused {
             {
                 "bad_alpn"
             }
+            Refused::PendingLimit(_) => "pending_limit",
             Refused::Handshake(_) | Refused::HandshakeTimeout(_) => "tls_handshake",
             Refused::Alpn(_) => "bad_alpn",
             Refused::NoIdentity | Refused::UnknownAgent(_) => "unknown_agent",
             Refused::Registration(_) => "registration",
         }
+    }
+}
+
+/// Counts and logs (at most once a second per reason) an agent connection refused before it
+/// became a tunnel.
+pub(crate) fn refuse(node: &Node, peer: SocketAddr, refused: &Refused) {
+    metrics::counter!(m::REJECTIONS, "reason" => refused.label()).increment(1);
+    metrics::counter!(m::TUNNEL_CONNECTS, "result" => refused.label()).increment(1);
+    if let Some(held_back) = node.log_limit.check(refused.label()) {
+        tracing::warn!(%peer, reason = %refused, held_back, "agent connection refused");
     }
 }
 
@@ -63,14 +76,7 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let (mut tls_stream, agent, kind) = match authenticate(stream, &node).await {
         Ok(ok) => ok,
-        Err(refused) => {
-            metrics::counter!(m::REJECTIONS, "reason" => refused.label()).increment(1);
-            metrics::counter!(m::TUNNEL_CONNECTS, "result" => refused.label()).increment(1);
-            if let Some(held_back) = node.log_limit.check(refused.label()) {
-                tracing::warn!(%peer, reason = %refused, held_back, "agent connection refused");
-            }
-            return;
-        }
+        Err(refused) => return refuse(&node, peer, &refused),
     };
     let chain = tls_stream
         .get_ref()
