@@ -69,7 +69,7 @@ async fn session(
     node: Arc<Node>,
     agent: String,
     request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
@@ -88,45 +88,60 @@ async fn session(
         .unwrap_or_default();
     let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::OUTBOUND, %agent, destination = %authority);
     async move {
-        let permit = node.session_limit.clone().try_acquire_owned();
-        let dialed = match permit {
-            Ok(_) => dial(&node, &request, &authority).await,
-            Err(_) => {
-                metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
-                Err((Refusal::Unavailable, "DMZ node at its session limit".into()))
-            }
-        };
-        let outcome = match dialed {
-            Ok(partner) => {
-                metrics::histogram!(m::SESSION_SETUP, "direction" => m::OUTBOUND).record(started.elapsed().as_secs_f64());
-                match respond.send_response(Response::new(()), false) {
-                    Ok(send) => relay(&node, &service, partner, send, request.into_body()).await,
-                    Err(_) => "reset",
-                }
-            }
-            Err((refusal, reason)) => {
-                if refusal == Refusal::PolicyDenied {
-                    metrics::counter!(m::REJECTIONS, "reason" => "policy_denied").increment(1);
-                    // Rate-limited: an agent asking in a loop must not flood the log.
-                    if let Some(held_back) = node.log_limit.check("policy_denied") {
-                        tracing::info!(%reason, held_back, "outbound destination denied by policy");
-                    }
-                } else {
-                    tracing::debug!(%reason, "outbound dial failed");
-                }
-                let mut response = Response::new(());
-                *response.status_mut() = refusal.status();
-                if let Ok(v) = http::HeaderValue::try_from(reason.replace(['\r', '\n'], " ")) {
-                    response.headers_mut().insert(HEADER_REASON, v);
-                }
-                let _ = respond.send_response(response, true);
-                refusal.label()
-            }
-        };
+        let outcome = pump::catch_panic(answer(&node, &service, &authority, request, respond, started))
+            .await
+            .unwrap_or(pump::INTERNAL_ERROR);
         metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::OUTBOUND, "result" => outcome).increment(1);
     }
     .instrument(span)
     .await;
+}
+
+/// Dials the partner an agent asked for, answers the stream and relays; returns the result.
+async fn answer(
+    node: &Node,
+    service: &str,
+    authority: &str,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    started: Instant,
+) -> &'static str {
+    let permit = node.session_limit.clone().try_acquire_owned();
+    let dialed = match permit {
+        Ok(_) => dial(node, &request, authority).await,
+        Err(_) => {
+            metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
+            Err((Refusal::Unavailable, "DMZ node at its session limit".into()))
+        }
+    };
+    match dialed {
+        Ok(partner) => {
+            metrics::histogram!(m::SESSION_SETUP, "direction" => m::OUTBOUND)
+                .record(started.elapsed().as_secs_f64());
+            match respond.send_response(Response::new(()), false) {
+                Ok(send) => relay(node, service, partner, send, request.into_body()).await,
+                Err(_) => "reset",
+            }
+        }
+        Err((refusal, reason)) => {
+            if refusal == Refusal::PolicyDenied {
+                metrics::counter!(m::REJECTIONS, "reason" => "policy_denied").increment(1);
+                // Rate-limited: an agent asking in a loop must not flood the log.
+                if let Some(held_back) = node.log_limit.check("policy_denied") {
+                    tracing::info!(%reason, held_back, "outbound destination denied by policy");
+                }
+            } else {
+                tracing::debug!(%reason, "outbound dial failed");
+            }
+            let mut response = Response::new(());
+            *response.status_mut() = refusal.status();
+            if let Ok(v) = http::HeaderValue::try_from(reason.replace(['\r', '\n'], " ")) {
+                response.headers_mut().insert(HEADER_REASON, v);
+            }
+            let _ = respond.send_response(response, true);
+            refusal.label()
+        }
+    }
 }
 
 type Refused = (Refusal, String);

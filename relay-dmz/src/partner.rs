@@ -47,7 +47,7 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                     .map(|c| c.runtime.clone())
                     .filter(|shard| shard.id() != here.id());
                 let session = async move |stream| {
-                    let (outcome, partner) = admit_and_relay(
+                    let (outcome, partner) = pump::catch_panic(admit_and_relay(
                         &node2,
                         stream,
                         peer,
@@ -56,8 +56,9 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                         session_id.clone(),
                         candidates,
                         placed,
-                    )
-                    .await;
+                    ))
+                    .await
+                    .unwrap_or((pump::INTERNAL_ERROR, peer));
                     if matches!(
                         outcome,
                         "source_denied" | "limit" | "no_agent" | "proxy_header"

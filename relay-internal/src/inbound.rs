@@ -39,14 +39,17 @@ pub async fn serve(
     };
     let span = tracing::info_span!("session", id = %meta.session, service = %service.name, direction = m::INBOUND, partner = %meta.partner, %dmz);
     async move {
-        let result = run(&agent, &service, port_offset, &meta, request, respond, started).await;
+        let result =
+            pump::catch_panic(run(&agent, &service, port_offset, &meta, request, respond, started))
+                .await;
         let duration = started.elapsed();
-        if result.is_ok() {
+        if let Some(Ok(_)) = result {
             metrics::histogram!(m::SESSION_DURATION).record(duration.as_secs_f64());
         }
         let (outcome, moved) = match &result {
-            Ok((moved, ran)) => (pump::outcome(ran), *moved),
-            Err(refusal) => (refusal.label(), Default::default()),
+            Some(Ok((moved, ran))) => (pump::outcome(ran), *moved),
+            Some(Err(refusal)) => (refusal.label(), Default::default()),
+            None => (pump::INTERNAL_ERROR, Default::default()),
         };
         metrics::counter!(m::SESSIONS_TOTAL, "service" => service.name.clone(), "direction" => m::INBOUND, "result" => outcome).increment(1);
         tracing::info!(

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{Method, Request, StatusCode};
 use relay_tunnel::h2conf::ANSWER_MARGIN;
 use relay_tunnel::metrics as m;
@@ -167,6 +168,23 @@ pub async fn relay(
     );
 }
 
+/// Runs the task of an outbound session begun at `started`. One that panics (a bug) ends
+/// alone, counted and audited with the result `internal_error`. (Not an `async fn`, which
+/// would hold `task` twice.)
+pub fn guarded<'a>(
+    service: &'a str,
+    session: &'a str,
+    started: Instant,
+    task: impl Future<Output = ()> + 'a,
+) -> impl Future<Output = ()> + 'a {
+    pump::catch_panic(task).map(move |ran| {
+        if ran.is_none() {
+            let outcome = pump::INTERNAL_ERROR;
+            audit(service, session, "-", started.elapsed(), 0, 0, outcome);
+        }
+    })
+}
+
 /// Counts and audits an outbound session that never started.
 pub fn refused(service: &str, session: &str, refusal: Refusal, reason: &str, started: Instant) {
     let level_warn = matches!(refusal, Refusal::PolicyDenied | Refusal::Unavailable);
@@ -223,35 +241,30 @@ pub async fn serve_fixed(agent: Arc<Agent>, spec: OutboundService, listener: Tcp
         agent.sessions.spawn(
             async move {
                 let started = Instant::now();
-                let Ok(_permit) = agent2.session_limit.clone().try_acquire_owned() else {
-                    return refused(
-                        &spec.name,
-                        &session,
-                        Refusal::Unavailable,
-                        "agent at its session limit",
-                        started,
-                    );
-                };
-                let _ = engine.set_nodelay(true);
-                match open(&agent2, &spec.target, &spec.name, &session, &spec.via).await {
-                    Ok(opened) => {
-                        relay(
-                            &agent2,
-                            &spec.name,
-                            &session,
-                            engine,
-                            opened,
-                            Bytes::new(),
-                            started,
-                        )
-                        .await
-                    }
-                    Err((refusal, reason)) => {
-                        refused(&spec.name, &session, refusal, &reason, started)
-                    }
-                }
+                let task = fixed_session(&agent2, &spec, engine, &session, started);
+                guarded(&spec.name, &session, started, task).await;
             }
             .instrument(span),
         );
+    }
+}
+
+/// One engine connection on a fixed `[[outbound]]` listener, accepted at `started`.
+async fn fixed_session(
+    agent: &Agent,
+    spec: &OutboundService,
+    engine: TcpStream,
+    session: &str,
+    started: Instant,
+) {
+    let name = &spec.name;
+    let Ok(_permit) = agent.session_limit.clone().try_acquire_owned() else {
+        let reason = "agent at its session limit";
+        return refused(name, session, Refusal::Unavailable, reason, started);
+    };
+    let _ = engine.set_nodelay(true);
+    match open(agent, &spec.target, name, session, &spec.via).await {
+        Ok(opened) => relay(agent, name, session, engine, opened, Bytes::new(), started).await,
+        Err((refusal, reason)) => refused(name, session, refusal, &reason, started),
     }
 }

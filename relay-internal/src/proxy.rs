@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use relay_tunnel::metrics as m;
 use relay_tunnel::net;
@@ -38,14 +39,18 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
         let agent2 = agent.clone();
         let session = protocol::new_session_id();
         let span = tracing::info_span!("session", id = %session, service = SERVICE, direction = m::OUTBOUND, engine = %peer, destination = tracing::field::Empty);
-        agent
-            .sessions
-            .spawn(async move { handle(agent2, engine, session).await }.instrument(span));
+        agent.sessions.spawn(
+            async move {
+                let started = Instant::now();
+                let task = handle(agent2, engine, session.clone(), started);
+                outbound::guarded(SERVICE, &session, started, task).await
+            }
+            .instrument(span),
+        );
     }
 }
 
-async fn handle(agent: Arc<Agent>, engine: TcpStream, session: String) {
-    let started = Instant::now();
+async fn handle(agent: Arc<Agent>, engine: TcpStream, session: String, started: Instant) {
     let Ok(permit) = agent.session_limit.clone().try_acquire_owned() else {
         return outbound::refused(
             SERVICE,
@@ -198,25 +203,8 @@ async fn answer_connect(
             agent.sessions.spawn(
                 async move {
                     let _permit = permit;
-                    let upgraded = match upgrade.await {
-                        Ok(u) => u,
-                        Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
-                    };
-                    match upgraded.downcast::<TokioIo<TcpStream>>() {
-                        Ok(parts) => {
-                            outbound::relay(
-                                &agent2,
-                                SERVICE,
-                                &session,
-                                parts.io.into_inner(),
-                                opened,
-                                parts.read_buf,
-                                started,
-                            )
-                            .await
-                        }
-                        Err(_) => tracing::error!("CONNECT upgrade is not the engine's TCP stream"),
-                    }
+                    let task = relay_upgraded(&agent2, upgrade, opened, &session, started);
+                    outbound::guarded(SERVICE, &session, started, task).await
                 }
                 .in_current_span(),
             );
@@ -232,6 +220,28 @@ async fn answer_connect(
             outbound::refused(SERVICE, &session, refusal, &reason, started);
             text(status, format!("{reason}\n"))
         }
+    }
+}
+
+/// Relays a CONNECT session once hyper hands the engine's connection over.
+async fn relay_upgraded(
+    agent: &Agent,
+    upgrade: OnUpgrade,
+    opened: outbound::Opened,
+    session: &str,
+    started: Instant,
+) {
+    let upgraded = match upgrade.await {
+        Ok(u) => u,
+        Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let engine = parts.io.into_inner();
+            let prefix = parts.read_buf;
+            outbound::relay(agent, SERVICE, session, engine, opened, prefix, started).await
+        }
+        Err(_) => tracing::error!("CONNECT upgrade is not the engine's TCP stream"),
     }
 }
 

@@ -57,6 +57,9 @@ pub enum PumpError {
     Panicked,
 }
 
+/// The result label of a session ended by a panic (a bug).
+pub const INTERNAL_ERROR: &str = "internal_error";
+
 /// The result label of a session that ran: `ok`, `idle`, `half_closed`, `drain_timeout`,
 /// `reset` or `internal_error`.
 pub fn outcome(result: &Result<(), PumpError>) -> &'static str {
@@ -66,8 +69,19 @@ pub fn outcome(result: &Result<(), PumpError>) -> &'static str {
         Err(PumpError::HalfClosed(_)) => "half_closed",
         Err(PumpError::Stopped) => "drain_timeout",
         Err(PumpError::Socket(_) | PumpError::Stream(_)) => "reset",
-        Err(PumpError::Panicked) => "internal_error",
+        Err(PumpError::Panicked) => INTERNAL_ERROR,
     }
+}
+
+/// Runs the part of a session that decides its result. A panic in it (a bug) ends that
+/// session only and comes back as `None`, for the caller to count and audit with the result
+/// [`INTERNAL_ERROR`]; the panic hook has already logged it in the session's span. What the
+/// part held is dropped: its sockets close and its streams are reset.
+///
+/// Not an `async fn`: one would hold `part` twice (as its argument and inside the awaited
+/// future; rustc does not overlap them), doubling the memory of every idle session.
+pub fn catch_panic<F: Future>(part: F) -> impl Future<Output = Option<F::Output>> {
+    AssertUnwindSafe(part).catch_unwind().map(Result::ok)
 }
 
 /// Counters a pump advances as bytes move, so long sessions show in metrics while they run.
@@ -121,9 +135,9 @@ pub async fn pump(
     stop: &CancellationToken,
 ) -> (Transferred, Result<(), PumpError>) {
     let run = copy_both_ways(&tcp, prefix, send, recv, counters, limits, stop);
-    match AssertUnwindSafe(run).catch_unwind().await {
-        Ok(done) => done,
-        Err(_) => {
+    match catch_panic(run).await {
+        Some(done) => done,
+        None => {
             // The streams were dropped with the future: h2 resets them (CANCEL).
             tracing::error!("session task panicked: both sides reset");
             net::set_reset_on_close(&tcp);
@@ -356,6 +370,35 @@ mod tests {
             panic!("a bug in the pump");
         }
         fn absolute(&self, _: u64) {}
+    }
+
+    #[tokio::test]
+    async fn catch_panic_gives_back_the_result_or_none_for_a_panic() {
+        assert_eq!(catch_panic(async { "ok" }).await, Some("ok"));
+        let bug = async {
+            if std::hint::black_box(true) {
+                panic!("a bug in session setup");
+            }
+            "ok"
+        };
+        assert_eq!(catch_panic(bug).await, None);
+    }
+
+    #[test]
+    fn catch_panic_holds_its_part_once() {
+        // Every session's task is wrapped: a copy of its state would be memory per idle session.
+        let part = async {
+            let state = [7u8; 4096];
+            tokio::task::yield_now().await;
+            std::hint::black_box(state);
+        };
+        let alone = std::mem::size_of_val(&part);
+        let wrapped = catch_panic(part);
+        assert!(
+            std::mem::size_of_val(&wrapped) < alone + 64,
+            "{alone} bytes alone, {} wrapped",
+            std::mem::size_of_val(&wrapped)
+        );
     }
 
     #[tokio::test]
