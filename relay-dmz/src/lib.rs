@@ -180,25 +180,17 @@ pub async fn run(
         log_limit: relay_tunnel::ratelog::RateLimit::new(Duration::from_secs(1)),
     });
     tokio::spawn(node.admission.clone().watch_memory(shutdown.clone()));
-    let reload_node = node.clone();
-    let reloader: admin::Reloader = Arc::new(move || reload::reload(&reload_node));
-    tokio::spawn(relay_tunnel::signals::on_reload(
-        reloader.clone(),
-        shutdown.clone(),
-    ));
-
-    let admin_stop = CancellationToken::new();
-    let admin_task = listeners.admin.map(|l| {
-        let n = node.clone();
-        tracing::info!(addr = %display_addr(&l), "admin endpoint listening");
-        tokio::spawn(admin::serve(
-            l,
-            Arc::new(move || n.readiness()),
-            Some(reloader.clone()),
-            metrics,
-            admin_stop.clone(),
-        ))
-    });
+    if let Some(l) = &listeners.admin {
+        tracing::info!(addr = %display_addr(l), "admin endpoint listening");
+    }
+    let (reload_node, ready_node) = (node.clone(), node.clone());
+    let control = admin::start(
+        listeners.admin,
+        Arc::new(move || ready_node.readiness()),
+        Arc::new(move || reload::reload(&reload_node)),
+        metrics,
+        &shutdown,
+    );
 
     tracing::info!(addr = %display_addr(&listeners.tunnel), "tunnel listener up; public listeners open when agents register");
     let tunnels = TaskTracker::new();
@@ -263,10 +255,7 @@ pub async fn run(
     node.tunnels_cancel.cancel();
     tunnels.close();
     tunnels.wait().await;
-    admin_stop.cancel();
-    if let Some(task) = admin_task {
-        let _ = task.await;
-    }
+    control.stop().await;
     drop(shards);
     tracing::info!("stopped");
     Ok(())

@@ -198,23 +198,14 @@ pub async fn run(
     let shards = Shards::per_core("relay-internal-shard")?;
 
     let reload_agent = agent.clone();
-    let reloader: admin::Reloader = Arc::new(move || reload::reload(&reload_agent));
-    tokio::spawn(relay_tunnel::signals::on_reload(
-        reloader.clone(),
-        shutdown.clone(),
-    ));
-
-    let admin_stop = CancellationToken::new();
-    let admin_task = admin_listener.map(|l| {
-        let a = agent.clone();
-        tokio::spawn(admin::serve(
-            l,
-            Arc::new(move || a.readiness()),
-            Some(reloader.clone()),
-            metrics,
-            admin_stop.clone(),
-        ))
-    });
+    let ready_agent = agent.clone();
+    let control = admin::start(
+        admin_listener,
+        Arc::new(move || ready_agent.readiness()),
+        Arc::new(move || reload::reload(&reload_agent)),
+        metrics,
+        &shutdown,
+    );
 
     let shard = shards.handles();
     let tunnels = TaskTracker::new();
@@ -286,10 +277,7 @@ pub async fn run(
     agent.stop_tunnels.cancel();
     tunnels.close();
     tunnels.wait().await;
-    admin_stop.cancel();
-    if let Some(task) = admin_task {
-        let _ = task.await;
-    }
+    control.stop().await;
     drop(shards);
     tracing::info!("stopped");
     Ok(())

@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,8 +40,40 @@ pub fn counted_reload(result: Result<String, String>) -> Result<String, String> 
     result
 }
 
+/// The admin endpoint and the reload signal of a running binary.
+pub struct Control {
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Starts the reload signal (SIGHUP, until `shutdown`) and, when `listener` is given, the
+/// admin endpoint, which runs until [`Control::stop`] so that probes and scrapes are answered
+/// while the binary drains.
+pub fn start(
+    listener: Option<TcpListener>,
+    ready: Readiness,
+    reload: Reloader,
+    metrics: PrometheusHandle,
+    shutdown: &CancellationToken,
+) -> Control {
+    tokio::spawn(crate::signals::on_reload(reload.clone(), shutdown.clone()));
+    let stop = CancellationToken::new();
+    let task = listener.map(|l| tokio::spawn(serve(l, ready, Some(reload), metrics, stop.clone())));
+    Control { stop, task }
+}
+
+impl Control {
+    /// Stops the admin endpoint and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Some(task) = self.task {
+            let _ = task.await;
+        }
+    }
+}
+
 /// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     ready: Readiness,
     reload: Option<Reloader>,
