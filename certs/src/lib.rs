@@ -15,7 +15,7 @@ mod name;
 mod output;
 
 pub use ca::{CA_DAYS, Ca};
-pub use dev::{DEV_CA_NAME, DevOptions, default_agents, default_dmz_names, write_dev_pki};
+pub use dev::{DEV_CA_NAME, DevOptions, DevPki, default_agents, default_dmz_names, write_dev_pki};
 pub use error::Error;
 pub use issue::{IssueOptions, issue_from_dir, load_ca};
 pub use layout::{CA_STEM, DMZ_STEM, MAX_DAYS, cert_path, key_path};

@@ -116,8 +116,15 @@ fn run(cli: Cli) -> anyhow::Result<Vec<PathBuf>> {
                 force: args.force,
                 days: args.days,
             };
-            relay_certs::write_dev_pki(&opts)
-                .with_context(|| format!("writing a development PKI to {}", opts.out.display()))
+            let pki = relay_certs::write_dev_pki(&opts)
+                .with_context(|| format!("writing a development PKI to {}", opts.out.display()))?;
+            for path in &pki.removed {
+                eprintln!(
+                    "relay-certs: removed {} (signed by the CA this run replaced)",
+                    path.display()
+                );
+            }
+            Ok(pki.written)
         }
         Command::Issue(args) => {
             let opts = IssueOptions {

@@ -58,6 +58,27 @@ fn dev_writes_lists_and_refuses_to_overwrite() {
     let out = relay_certs(&["dev", "--out", s(&dir), "--force"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_ne!(std::fs::read(dir.join("ca-key.pem")).unwrap(), before);
+
+    // Other agents this time: the old agents' files go, and the command says so.
+    let out = relay_certs(&["dev", "--out", s(&dir), "--force", "--agent", "ops-1"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let err = stderr(&out);
+    for name in [
+        "engine-1.pem",
+        "engine-1-key.pem",
+        "engine-2.pem",
+        "engine-2-key.pem",
+    ] {
+        assert!(!dir.join(name).exists(), "{name} left behind");
+        assert!(
+            err.contains(&format!(
+                "removed {} (signed by the CA this run replaced)",
+                s(&dir.join(name))
+            )),
+            "{name} not reported: {err}"
+        );
+    }
+    assert!(dir.join("ops-1.pem").exists());
 }
 
 #[test]

@@ -71,7 +71,7 @@ fn snapshot(paths: &[PathBuf]) -> Vec<Vec<u8>> {
 fn dev_pki_has_the_documented_files_and_profiles() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("nested/dev");
-    let written = write_dev_pki(&opts(out.clone())).unwrap();
+    let written = write_dev_pki(&opts(out.clone())).unwrap().written;
     let names: Vec<_> = written
         .iter()
         .map(|p| p.strip_prefix(&out).unwrap().to_str().unwrap())
@@ -137,7 +137,7 @@ fn dev_pki_has_the_documented_files_and_profiles() {
 #[test]
 fn key_files_are_owner_only() {
     let tmp = tempfile::tempdir().unwrap();
-    let written = write_dev_pki(&opts(tmp.path().to_owned())).unwrap();
+    let written = write_dev_pki(&opts(tmp.path().to_owned())).unwrap().written;
     for path in &written {
         let m = mode(path);
         if path.to_str().unwrap().ends_with("-key.pem") {
@@ -153,7 +153,7 @@ fn key_files_are_owner_only() {
 fn existing_files_are_kept_unless_forced() {
     let tmp = tempfile::tempdir().unwrap();
     let o = opts(tmp.path().to_owned());
-    let written = write_dev_pki(&o).unwrap();
+    let written = write_dev_pki(&o).unwrap().written;
     let before = snapshot(&written);
 
     let err = write_dev_pki(&o).unwrap_err();
@@ -180,7 +180,7 @@ fn existing_files_are_kept_unless_forced() {
     )
     .unwrap();
     let forced = DevOptions { force: true, ..o };
-    let written = write_dev_pki(&forced).unwrap();
+    let written = write_dev_pki(&forced).unwrap().written;
     assert_eq!(written.len(), 8);
     assert_ne!(
         fs::read(tmp.path().join("engine-2-key.pem")).unwrap(),
@@ -193,6 +193,60 @@ fn existing_files_are_kept_unless_forced() {
         .filter(|n| n.to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn forced_rewrite_with_other_agents_leaves_no_certificate_of_the_old_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_dev_pki(&opts(dir.to_owned())).unwrap();
+    fs::write(dir.join("notes.pem"), "not a pair: kept").unwrap();
+    let forced = DevOptions {
+        agents: vec!["engine-3".to_owned()],
+        force: true,
+        ..opts(dir.to_owned())
+    };
+    let pki = write_dev_pki(&forced).unwrap();
+    let removed: Vec<_> = pki
+        .removed
+        .iter()
+        .map(|p| p.strip_prefix(dir).unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(
+        removed,
+        [
+            "engine-1-key.pem",
+            "engine-1.pem",
+            "engine-2-key.pem",
+            "engine-2.pem"
+        ]
+    );
+    let mut left: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "ca-key.pem",
+            "ca.pem",
+            "dmz-key.pem",
+            "dmz.pem",
+            "engine-3-key.pem",
+            "engine-3.pem",
+            "notes.pem"
+        ]
+    );
+    let ca_pem = read_pem(&dir.join("ca.pem"));
+    let ca = ca_pem.parse_x509().unwrap();
+    for name in ["dmz.pem", "engine-3.pem"] {
+        let p = read_pem(&dir.join(name));
+        p.parse_x509()
+            .unwrap()
+            .verify_signature(Some(ca.public_key()))
+            .unwrap_or_else(|e| panic!("{name} does not chain to the new CA: {e}"));
+    }
 }
 
 #[test]

@@ -209,7 +209,7 @@ impl Limits {
 impl DmzConfig {
     /// Reads and checks the config at `path`; relative paths are taken from its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let raw: Raw = cfg::read_toml(path)?;
+        let raw: Raw = cfg::read_toml(path, AGENT_CONFIG)?;
         let mut config = check(raw, &cfg::base_dir(path))?;
         config.source = Some(path.to_owned());
         Ok(config)
@@ -219,6 +219,19 @@ impl DmzConfig {
 /// The default memory budget: 2 GiB, or three quarters of the container's memory limit
 /// (cgroup v2 `memory.max`) when that is lower, so the budget refuses sessions before the
 /// kernel kills the process.
+/// An agent's config, recognised by keys a DMZ config never has.
+const AGENT_CONFIG: cfg::OtherConfig = cfg::OtherConfig {
+    binary: "relay-internal",
+    keys: &[
+        "dmz",
+        "server_name",
+        "tls",
+        "inbound",
+        "outbound",
+        "outbound_proxy",
+    ],
+};
+
 fn default_memory_budget() -> u64 {
     let default = defaults::MEMORY_BUDGET_MIB * 1024 * 1024;
     std::fs::read_to_string("/sys/fs/cgroup/memory.max")
@@ -252,6 +265,14 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
     let roots = err.check(
         "tunnel.ca",
         tls::load_roots(&cfg::resolve(base, &raw.tunnel.ca)),
+    );
+    cfg::missing_pki_hint(
+        &mut err,
+        &[
+            &cfg::resolve(base, &raw.tunnel.cert),
+            &cfg::resolve(base, &raw.tunnel.key),
+            &cfg::resolve(base, &raw.tunnel.ca),
+        ],
     );
     let crls = match &raw.tunnel.crl {
         Some(path) => err.check("tunnel.crl", tls::load_crls(&cfg::resolve(base, path))),

@@ -218,12 +218,18 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Reads and checks the config at `path`; relative paths are taken from its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let raw: Raw = cfg::read_toml(path)?;
+        let raw: Raw = cfg::read_toml(path, DMZ_CONFIG)?;
         let mut config = check(raw, &cfg::base_dir(path))?;
         config.source = Some(path.to_owned());
         Ok(config)
     }
 }
+
+/// A DMZ node's config, recognised by keys an agent's config never has.
+const DMZ_CONFIG: cfg::OtherConfig = cfg::OtherConfig {
+    binary: "relay-dmz",
+    keys: &["tunnel", "policy", "public"],
+};
 
 fn duration(err: &mut ConfigError, key: &str, raw: &Option<String>, default: Duration) -> Duration {
     match raw {
@@ -296,6 +302,14 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         &cfg::resolve(base, &raw.tls.key),
     );
     let roots = err.check("tls.ca", tls::load_roots(&cfg::resolve(base, &raw.tls.ca)));
+    cfg::missing_pki_hint(
+        &mut err,
+        &[
+            &cfg::resolve(base, &raw.tls.cert),
+            &cfg::resolve(base, &raw.tls.key),
+            &cfg::resolve(base, &raw.tls.ca),
+        ],
+    );
     let (tls, tls_outbound) = match (creds, roots) {
         (Some(creds), Some(roots)) => (
             err.check(

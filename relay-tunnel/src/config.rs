@@ -59,8 +59,18 @@ impl ConfigError {
     }
 }
 
+/// The other binary's config, recognised by top-level keys only it has, so that a config given
+/// to the wrong binary is named as such instead of as a list of unknown keys.
+#[derive(Debug, Clone, Copy)]
+pub struct OtherConfig {
+    /// The binary that reads such a config (`relay-internal`).
+    pub binary: &'static str,
+    /// Top-level keys only that binary's config has.
+    pub keys: &'static [&'static str],
+}
+
 /// Reads and parses a TOML file into raw config structs.
-pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+pub fn read_toml<T: DeserializeOwned>(path: &Path, other: OtherConfig) -> Result<T, ConfigError> {
     let mut err = ConfigError::default();
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -94,8 +104,29 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         } else {
             err.push(format!("{key} ({at})"), inner.message());
         }
+        if let Some(found) = other_config_keys(&text, other) {
+            err.push(
+                path.display(),
+                format_args!(
+                    "this looks like a {} config (it has {found}); check it with `{} check`",
+                    other.binary, other.binary
+                ),
+            );
+        }
         err
     })
+}
+
+/// The top-level keys of `text` that only `other`'s config has, quoted, if any.
+fn other_config_keys(text: &str, other: OtherConfig) -> Option<String> {
+    let table: toml::Table = text.parse().ok()?;
+    let found: Vec<String> = other
+        .keys
+        .iter()
+        .filter(|k| table.contains_key(**k))
+        .map(|k| format!("`{k}`"))
+        .collect();
+    (!found.is_empty()).then(|| found.join(", "))
 }
 
 /// The directory relative config paths are resolved against.
@@ -111,25 +142,52 @@ pub fn resolve(base: &Path, path: &str) -> PathBuf {
     base.join(path)
 }
 
-/// Loads a certificate chain and key, recording a problem at `TABLE.cert` or `TABLE.key`
-/// (whichever file is at fault).
+/// Loads a certificate chain and key, recording a problem at `TABLE.cert` and at `TABLE.key`
+/// (each file is checked, so both are reported when both are wrong).
 pub fn credentials(
     err: &mut ConfigError,
     table: &str,
     cert: &Path,
     key: &Path,
 ) -> Option<crate::tls::Credentials> {
-    match crate::tls::Credentials::load(cert, key) {
-        Ok(creds) => Some(creds),
-        Err(e) => {
-            let field = match &e {
-                crate::tls::TlsError::File { path, .. } if path == key => "key",
-                _ => "cert",
-            };
-            err.push(format_args!("{table}.{field}"), e);
-            None
+    let chain = err.check(format_args!("{table}.cert"), crate::tls::load_certs(cert));
+    let private = err.check(format_args!("{table}.key"), crate::tls::load_key(key));
+    Some(crate::tls::Credentials::from_parts(
+        chain?, private?, cert, key,
+    ))
+}
+
+/// Names the command that makes a development PKI when certificate files of the config are
+/// missing from a directory that holds no CA either (nothing of a PKI is there yet): the
+/// usual first run of an example config. One line, however many files are missing.
+pub fn missing_pki_hint(err: &mut ConfigError, files: &[&Path]) {
+    let missing: Vec<&Path> = files.iter().copied().filter(|f| !f.exists()).collect();
+    let Some(dir) = missing.first().and_then(|f| f.parent()) else {
+        return;
+    };
+    if dir.join("ca.pem").exists()
+        || !missing
+            .iter()
+            .all(|f| f.extension() == Some("pem".as_ref()))
+    {
+        return;
+    }
+    let default_agents = ["engine-1", "engine-2"];
+    let mut command = format!("relay-certs dev --out {}", dir.display());
+    for f in &missing {
+        let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let agent = !stem.ends_with("-key") && stem != "ca" && stem != "dmz";
+        if agent && !default_agents.contains(&stem) {
+            command.push_str(&format!(" --agent {stem}"));
         }
     }
+    err.push(
+        "hint",
+        format_args!(
+            "{} has no certificates yet; for a development PKI (never for production) run: {command}",
+            dir.display()
+        ),
+    );
 }
 
 /// Parses a duration such as `"10s"` or `"500ms"`; zero is refused.
@@ -279,8 +337,11 @@ impl FromStr for TargetSpec {
         let bad = || format!("invalid target {s:?} (expected HOST:PORT or HOST:FIRST-LAST)");
         let (host, ports) = split_host_ports(s).ok_or_else(bad)?;
         let ports: PortRange = ports.parse().map_err(|_| bad())?;
-        if host.is_empty() || ports.first == 0 {
-            return Err(bad());
+        if host.is_empty() {
+            return Err(format!("invalid target {s:?}: the host is empty"));
+        }
+        if ports.first == 0 {
+            return Err(format!("invalid target {s:?}: port 0 cannot be dialed"));
         }
         Ok(Self {
             host: host.to_owned(),
@@ -445,6 +506,88 @@ pub fn parse_networks(err: &mut ConfigError, key: &str, raw: &[String]) -> Vec<I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_name_what_is_wrong() {
+        let t: TargetSpec = "b2bi.internal:8443".parse().unwrap();
+        assert_eq!((t.host.as_str(), t.ports.len()), ("b2bi.internal", 1));
+        assert_eq!(
+            "127.0.0.1:0".parse::<TargetSpec>().unwrap_err(),
+            "invalid target \"127.0.0.1:0\": port 0 cannot be dialed"
+        );
+        assert_eq!(
+            ":80".parse::<TargetSpec>().unwrap_err(),
+            "invalid target \":80\": the host is empty"
+        );
+        assert!(
+            "host"
+                .parse::<TargetSpec>()
+                .unwrap_err()
+                .contains("expected HOST:PORT"),
+            "no port"
+        );
+    }
+
+    #[test]
+    fn both_credential_files_are_reported() {
+        let mut err = ConfigError::default();
+        let dir = Path::new("/nonexistent-relay-pki");
+        let creds = credentials(
+            &mut err,
+            "tunnel",
+            &dir.join("dmz.pem"),
+            &dir.join("dmz-key.pem"),
+        );
+        assert!(creds.is_none());
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.problems[0].starts_with("tunnel.cert: /nonexistent-relay-pki/dmz.pem: "));
+        assert!(err.problems[1].starts_with("tunnel.key: /nonexistent-relay-pki/dmz-key.pem: "));
+    }
+
+    #[test]
+    fn missing_pki_names_the_command_once() {
+        let dir = Path::new("/nonexistent-relay-pki/certs");
+        let (cert, key, ca) = (
+            dir.join("ops-7.pem"),
+            dir.join("ops-7-key.pem"),
+            dir.join("ca.pem"),
+        );
+        let mut err = ConfigError::default();
+        missing_pki_hint(&mut err, &[&cert, &key, &ca]);
+        assert_eq!(
+            err.problems,
+            [
+                "hint: /nonexistent-relay-pki/certs has no certificates yet; for a development \
+                 PKI (never for production) run: relay-certs dev --out \
+                 /nonexistent-relay-pki/certs --agent ops-7"
+            ]
+        );
+
+        // A directory that holds a CA is a PKI already: a missing file there is a mistake in
+        // the config or the directory, not a first run.
+        let pki = std::env::temp_dir().join(format!("relay-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&pki).unwrap();
+        std::fs::write(pki.join("ca.pem"), "").unwrap();
+        let mut err = ConfigError::default();
+        missing_pki_hint(&mut err, &[&pki.join("dmz.pem"), &pki.join("ca.pem")]);
+        std::fs::remove_dir_all(&pki).unwrap();
+        assert!(err.problems.is_empty(), "{err}");
+    }
+
+    #[test]
+    fn the_other_binarys_config_is_recognised() {
+        let other = OtherConfig {
+            binary: "relay-internal",
+            keys: &["dmz", "tls", "inbound"],
+        };
+        let agent = "dmz = [\"a:1\"]\n[tls]\ncert = \"x\"\n";
+        assert_eq!(
+            other_config_keys(agent, other).as_deref(),
+            Some("`dmz`, `tls`")
+        );
+        assert_eq!(other_config_keys("[tunnel]\nlisten = \"x\"\n", other), None);
+        assert_eq!(other_config_keys("not toml [", other), None);
+    }
 
     #[test]
     fn listen_specs_parse_ports_and_ranges() {

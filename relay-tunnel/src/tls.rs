@@ -56,19 +56,26 @@ impl fmt::Debug for Credentials {
 impl Credentials {
     /// Loads a PEM certificate chain and a PEM private key.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let chain = load_certs(cert)?;
-        let key_path = key;
-        let key = PrivateKeyDer::from_pem_file(key_path)
-            .map_err(|e| file_error(key_path, pem_reason(e)))?;
-        provider()
-            .key_provider
-            .load_private_key(key.clone_key())
-            .map_err(|e| file_error(key_path, format!("unusable private key: {e}")))?;
-        Ok(Self {
+        Ok(Self::from_parts(
+            load_certs(cert)?,
+            load_key(key)?,
+            cert,
+            key,
+        ))
+    }
+
+    /// Pairs a chain and a key loaded by [`load_certs`] and [`load_key`].
+    pub fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Self {
+        Self {
             chain,
             key: Arc::new(key),
-            origin: format!("{} and {}", cert.display(), key_path.display()),
-        })
+            origin: format!("{} and {}", cert_path.display(), key_path.display()),
+        }
     }
 
     /// The end-entity certificate.
@@ -83,6 +90,16 @@ fn pem_reason(e: rustls_pki_types::pem::Error) -> String {
         rustls_pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind".into(),
         other => format!("invalid PEM: {other:?}"),
     }
+}
+
+/// Loads a PEM private key that the crypto provider can use.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let key = PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, pem_reason(e)))?;
+    provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| file_error(path, format!("unusable private key: {e}")))?;
+    Ok(key)
 }
 
 /// Loads every certificate of a PEM file; fails if there is none.

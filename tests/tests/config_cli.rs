@@ -343,7 +343,9 @@ fn missing_cert_file_names_the_path() {
     );
     let missing = pki.path("missing/dmz.pem");
     let lines = assert_refused(DMZ, &dmz, &[]);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    // The file, and the command that would make a PKI in that (empty) directory.
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[1].starts_with("hint: "), "{lines:?}");
     assert!(lines[0].starts_with("tunnel.cert: "), "{lines:?}");
     assert!(
         lines[0].contains(&missing.display().to_string()),
@@ -568,6 +570,35 @@ fn documented_examples_pass_check() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
     let dir = tempfile::tempdir().expect("temp dir");
     let certs = dir.path().join("certs");
+    // As on a fresh clone, before the PKI exists: `check` names the command that makes it,
+    // once, and each example given to the other binary is named as the other binary's.
+    for (binary, other, name) in [(DMZ, AGENT, "dmz.toml"), (AGENT, DMZ, "internal.toml")] {
+        let path = dir.path().join(name);
+        std::fs::copy(examples.join(name), &path)
+            .unwrap_or_else(|e| panic!("copy docs/examples/{name}: {e}"));
+        let hint = format!(
+            "hint: {} has no certificates yet; for a development PKI (never for production) \
+             run: relay-certs dev --out {}",
+            certs.display(),
+            certs.display()
+        );
+        let lines = assert_refused(binary, &path, &[]);
+        assert_eq!(lines.iter().filter(|l| **l == hint).count(), 1, "{lines:?}");
+        let wrong = check(other, &path);
+        assert_eq!(wrong.code, Some(EXIT_CONFIG), "{}", wrong.show());
+        let named = format!(
+            "{}: this looks like a {binary} config (it has `",
+            path.display()
+        );
+        assert!(wrong.stderr.contains(&named), "{}", wrong.show());
+        assert!(
+            wrong
+                .stderr
+                .contains(&format!("check it with `{binary} check`")),
+            "{}",
+            wrong.show()
+        );
+    }
     let out = Command::new(bin("relay-certs"))
         .args(["dev", "--out"])
         .arg(&certs)
