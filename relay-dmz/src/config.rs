@@ -10,6 +10,8 @@ use relay_tunnel::protocol::{ALPN_INBOUND_V1, ALPN_OUTBOUND_V1};
 use relay_tunnel::tls;
 use serde::Deserialize;
 
+use crate::rights::{Fallback, Rights, Rules};
+
 /// Default `[limits]` values.
 pub mod defaults {
     use std::time::Duration;
@@ -87,6 +89,21 @@ struct RawPolicy {
     trusted_proxies: Vec<String>,
     #[serde(default)]
     deny: Vec<String>,
+    /// `"global"` or `"deny"`: what identities without their own table get.
+    default: Option<String>,
+    /// `[policy.agents."ID"]`: an identity's own rules.
+    #[serde(default)]
+    agents: std::collections::BTreeMap<String, RawRules>,
+}
+
+/// `[policy.agents."ID"]`: absent keys mean "nothing", not the global lists.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRules {
+    #[serde(default)]
+    listen_allow: Vec<String>,
+    #[serde(default)]
+    connect_allow: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,10 +145,9 @@ pub struct DmzConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Replaces the address part of every service's listen address.
     pub public_bind: Option<IpAddr>,
-    /// Listen addresses agents may ask for.
-    pub listen_allow: Vec<AddrRule>,
-    /// Outbound destinations agents may ask the DMZ to dial; empty: no outbound.
-    pub connect_allow: Vec<ConnectRule>,
+    /// What each agent identity may open, join and have dialed (`policy.listen_allow`,
+    /// `policy.connect_allow`, `policy.agents`, `policy.default`).
+    pub rights: Rights,
     /// Peers whose PROXY protocol header is believed (on `accept_proxy` services).
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Partner networks refused on every service.
@@ -240,6 +256,34 @@ fn default_memory_budget() -> u64 {
         .map_or(default, |limit| default.min(limit / 4 * 3))
 }
 
+/// Parses one rule set: `TABLE.listen_allow` and `TABLE.connect_allow`.
+fn rules(err: &mut ConfigError, table: &str, listen: &[String], connect: &[String]) -> Rules {
+    let listen_allow = listen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            err.check(
+                format_args!("{table}.listen_allow[{i}]"),
+                r.parse::<AddrRule>(),
+            )
+        })
+        .collect();
+    let connect_allow = connect
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            err.check(
+                format_args!("{table}.connect_allow[{i}]"),
+                r.parse::<ConnectRule>(),
+            )
+        })
+        .collect();
+    Rules {
+        listen_allow,
+        connect_allow,
+    }
+}
+
 fn duration(err: &mut ConfigError, key: &str, raw: &Option<String>, default: Duration) -> Duration {
     match raw {
         Some(s) => err.check(key, cfg::parse_duration(s)).unwrap_or(default),
@@ -321,30 +365,44 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
                 .map_err(|_| format!("invalid IP address {b:?}")),
         )
     });
-    let listen_allow = raw
-        .policy
-        .listen_allow
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            err.check(
-                format_args!("policy.listen_allow[{i}]"),
-                r.parse::<AddrRule>(),
-            )
-        })
-        .collect();
-    let connect_allow = raw
-        .policy
-        .connect_allow
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            err.check(
-                format_args!("policy.connect_allow[{i}]"),
-                r.parse::<ConnectRule>(),
-            )
-        })
-        .collect();
+    let global = rules(
+        &mut err,
+        "policy",
+        &raw.policy.listen_allow,
+        &raw.policy.connect_allow,
+    );
+    let mut agent_rules = std::collections::BTreeMap::new();
+    for (agent, r) in &raw.policy.agents {
+        let key = format!("policy.agents.{agent:?}");
+        if agent.is_empty() {
+            err.push(&key, "empty agent identity");
+        } else if let Some(allowed) = &raw.tunnel.agents
+            && !allowed.contains(agent)
+        {
+            err.push(
+                &key,
+                format_args!("{agent:?} is not in tunnel.agents, so it can never connect"),
+            );
+        }
+        let own = rules(&mut err, &key, &r.listen_allow, &r.connect_allow);
+        agent_rules.insert(agent.clone(), own);
+    }
+    let fallback = match raw.policy.default.as_deref() {
+        None | Some("global") => Fallback::Global,
+        Some("deny") => Fallback::Deny,
+        Some(other) => {
+            err.push(
+                "policy.default",
+                format_args!("unknown value {other:?} (expected \"global\" or \"deny\")"),
+            );
+            Fallback::Global
+        }
+    };
+    let rights = Rights {
+        global,
+        agents: agent_rules,
+        fallback,
+    };
     let deny = cfg::parse_networks(&mut err, "policy.deny", &raw.policy.deny);
     let trusted_proxies = cfg::parse_networks(
         &mut err,
@@ -449,8 +507,7 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         keepalive,
         admin_listen,
         public_bind,
-        listen_allow,
-        connect_allow,
+        rights,
         trusted_proxies,
         deny,
         limits,

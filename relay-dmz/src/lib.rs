@@ -11,6 +11,7 @@ pub mod partner;
 pub mod pending;
 pub mod registry;
 mod reload;
+pub mod rights;
 pub mod tunnel;
 
 use std::io;
@@ -62,7 +63,7 @@ pub(crate) struct Policy {
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     pub(crate) agents: Option<Vec<String>>,
-    pub(crate) connect_allow: Vec<relay_tunnel::config::ConnectRule>,
+    pub(crate) rights: Arc<rights::Rights>,
     pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
     pub(crate) deny: Vec<ipnet::IpNet>,
 }
@@ -73,7 +74,7 @@ impl Policy {
             acceptor: TlsAcceptor::from(config.tls.clone()),
             verifier: config.verifier.clone(),
             agents: config.agents.clone(),
-            connect_allow: config.connect_allow.clone(),
+            rights: Arc::new(config.rights.clone()),
             trusted_proxies: config.trusted_proxies.clone(),
             deny: config.deny.clone(),
         }
@@ -88,6 +89,7 @@ impl Policy {
         self.agents
             .as_ref()
             .is_none_or(|a| a.iter().any(|x| x == agent))
+            && self.rights.of(agent).any_rights().is_ok()
             && relay_tunnel::tls::still_valid(self.verifier.as_ref(), chain)
     }
 }
@@ -137,9 +139,14 @@ impl Node {
         if self.admission.over_budget() {
             return Err("over the memory budget: refusing new sessions".into());
         }
-        match self.registry.tunnels() {
-            0 => Err("no agent connected".into()),
-            _ => Ok(()),
+        // Ready means a partner can connect: a load balancer that checks /readyz must not send
+        // partners to a node whose agents are connected but whose services were all rejected.
+        if self.registry.tunnels() == 0 {
+            Err("no agent connected".into())
+        } else if !self.registry.any_open() {
+            Err("agents connected, but no public listener is open: every service they declared was rejected (see the log)".into())
+        } else {
+            Ok(())
         }
     }
 }
@@ -155,10 +162,11 @@ pub async fn run(
     let metrics = relay_tunnel::telemetry::metrics_handle();
     // Stopped when this function returns, after every tunnel and session has ended.
     let shards = Shards::per_core("relay-dmz-shard")?;
+    let policy = Arc::new(Policy::from_config(&config));
     let node = Arc::new(Node {
         registry: Registry::new(
             config.public_bind,
-            config.listen_allow.clone(),
+            policy.rights.clone(),
             !config.trusted_proxies.is_empty(),
         ),
         tunnel: TunnelSettings {
@@ -173,7 +181,7 @@ pub async fn run(
         listeners: TaskTracker::new(),
         tunnels_cancel: CancellationToken::new(),
         shards: shards.handles(),
-        policy: std::sync::RwLock::new(Arc::new(Policy::from_config(&config))),
+        policy: std::sync::RwLock::new(policy),
         live: Default::default(),
         config: std::sync::Mutex::new(config),
         draining: CancellationToken::new(),
@@ -205,11 +213,14 @@ pub async fn run(
         else {
             break;
         };
-        let Some(slot) = pending.take(room, peer.ip()) else {
-            relay_tunnel::net::set_reset_on_close(&stream);
-            let refused = tunnel::Refused::PendingLimit(pending::MAX_PENDING_PER_SOURCE);
-            tunnel::refuse(&node, peer, &refused);
-            continue;
+        let slot = match pending.take(room, peer.ip()) {
+            pending::Taken::Slot(slot) | pending::Taken::Evicted(slot) => slot,
+            pending::Taken::Full => {
+                relay_tunnel::net::set_reset_on_close(&stream);
+                let refused = tunnel::Refused::PendingLimit(pending::MAX_PENDING_PER_SOURCE);
+                tunnel::refuse(&node, peer, &refused);
+                continue;
+            }
         };
         // The tunnel connection moves to its shard: its socket is registered there.
         let Ok(stream) = stream.into_std() else {

@@ -88,7 +88,7 @@ async fn session(
         .unwrap_or_default();
     let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::OUTBOUND, %agent, destination = %authority);
     async move {
-        let outcome = pump::catch_panic(answer(&node, &service, &authority, request, respond, started))
+        let outcome = pump::catch_panic(answer(&node, &agent, &service, &authority, request, respond, started))
             .await
             .unwrap_or(pump::INTERNAL_ERROR);
         metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::OUTBOUND, "result" => outcome).increment(1);
@@ -100,6 +100,7 @@ async fn session(
 /// Dials the partner an agent asked for, answers the stream and relays; returns the result.
 async fn answer(
     node: &Node,
+    agent: &str,
     service: &str,
     authority: &str,
     request: Request<RecvStream>,
@@ -108,7 +109,7 @@ async fn answer(
 ) -> &'static str {
     let permit = node.session_limit.clone().try_acquire_owned();
     let dialed = match permit {
-        Ok(_) => dial(node, &request, authority).await,
+        Ok(_) => dial(node, agent, &request, authority).await,
         Err(_) => {
             metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
             Err((Refusal::Unavailable, "DMZ node at its session limit".into()))
@@ -148,6 +149,7 @@ type Refused = (Refusal, String);
 
 async fn dial(
     node: &Node,
+    agent: &str,
     request: &Request<RecvStream>,
     authority: &str,
 ) -> Result<TcpStream, Refused> {
@@ -171,7 +173,18 @@ async fn dial(
         w.min(node.limits.connect_timeout)
     });
     let deadline = Instant::now() + timeout;
-    let addrs = allowed_addrs(&node.policy().connect_allow, &host, port, timeout).await?;
+    // The rules of the identity that asked, as they are now (a reload applies to the next
+    // session).
+    let policy = node.policy();
+    let rights = policy.rights.of(agent);
+    let addrs = allowed_addrs(
+        rights.connect_allow(),
+        &rights.rules_key("connect_allow"),
+        &host,
+        port,
+        timeout,
+    )
+    .await?;
     let mut last = (
         Refusal::TargetTimeout,
         format!("connect to {authority} timed out"),
@@ -202,6 +215,7 @@ async fn dial(
 /// host, else those inside a network rule. Names are resolved here, once.
 async fn allowed_addrs(
     rules: &[ConnectRule],
+    rules_key: &str,
     host: &str,
     port: u16,
     timeout: Duration,
@@ -210,7 +224,7 @@ async fn allowed_addrs(
         (
             Refusal::PolicyDenied,
             format!(
-                "{} is not allowed by policy.connect_allow",
+                "{} is not allowed by {rules_key}",
                 protocol::destination_authority(host, port)
             ),
         )
@@ -294,6 +308,9 @@ async fn relay(
 mod tests {
     use super::*;
 
+    /// The rule list named in refusals.
+    const K: &str = "policy.connect_allow";
+
     fn rules(list: &[&str]) -> Vec<ConnectRule> {
         list.iter().map(|r| r.parse().unwrap()).collect()
     }
@@ -302,17 +319,23 @@ mod tests {
     async fn ip_destinations_need_a_network_rule() {
         let r = rules(&["127.0.0.0/8:1000-2000"]);
         let t = Duration::from_secs(1);
-        assert!(allowed_addrs(&r, "127.0.0.1", 1500, t).await.is_ok());
+        assert!(allowed_addrs(&r, K, "127.0.0.1", 1500, t).await.is_ok());
         assert_eq!(
-            allowed_addrs(&r, "127.0.0.1", 80, t).await.unwrap_err().0,
+            allowed_addrs(&r, K, "127.0.0.1", 80, t)
+                .await
+                .unwrap_err()
+                .0,
             Refusal::PolicyDenied
         );
         assert_eq!(
-            allowed_addrs(&r, "10.0.0.1", 1500, t).await.unwrap_err().0,
+            allowed_addrs(&r, K, "10.0.0.1", 1500, t)
+                .await
+                .unwrap_err()
+                .0,
             Refusal::PolicyDenied
         );
         assert_eq!(
-            allowed_addrs(&[], "127.0.0.1", 1500, t)
+            allowed_addrs(&[], K, "127.0.0.1", 1500, t)
                 .await
                 .unwrap_err()
                 .0,
@@ -324,20 +347,26 @@ mod tests {
     async fn names_resolve_and_are_checked_by_address_unless_a_name_rule_admits_them() {
         let t = Duration::from_secs(5);
         let by_net = rules(&["127.0.0.0/8:*"]);
-        let addrs = allowed_addrs(&by_net, "localhost", 443, t).await.unwrap();
+        let addrs = allowed_addrs(&by_net, K, "localhost", 443, t)
+            .await
+            .unwrap();
         assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()));
         let other_net = rules(&["203.0.113.0/24:*"]);
         assert_eq!(
-            allowed_addrs(&other_net, "localhost", 443, t)
+            allowed_addrs(&other_net, K, "localhost", 443, t)
                 .await
                 .unwrap_err()
                 .0,
             Refusal::PolicyDenied
         );
         let by_name = rules(&["localhost:443"]);
-        assert!(allowed_addrs(&by_name, "localhost", 443, t).await.is_ok());
+        assert!(
+            allowed_addrs(&by_name, K, "localhost", 443, t)
+                .await
+                .is_ok()
+        );
         assert_eq!(
-            allowed_addrs(&by_name, "localhost", 80, t)
+            allowed_addrs(&by_name, K, "localhost", 80, t)
                 .await
                 .unwrap_err()
                 .0,

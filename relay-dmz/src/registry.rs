@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use ipnet::IpNet;
-use relay_tunnel::config::{AddrRule, ListenSpec};
+use relay_tunnel::config::ListenSpec;
 use relay_tunnel::metrics as m;
 use relay_tunnel::net::bind_reuse;
 use relay_tunnel::protocol::{
@@ -25,6 +25,55 @@ use relay_tunnel::protocol::{
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+use crate::rights::{NotAllowed, Rights};
+
+/// Why a declared service is not served through a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum Declined {
+    /// A name, address or `allow` entry that does not parse, or a name declared twice.
+    #[error("{0}")]
+    Invalid(String),
+    /// Outside the declaring identity's rights.
+    #[error(transparent)]
+    NotAllowed(#[from] NotAllowed),
+    /// Disagrees with the service as others serve it, or overlaps another service.
+    #[error("{0}")]
+    Conflict(String),
+    /// The public socket cannot be bound.
+    #[error("{0}")]
+    Bind(String),
+    /// The node is shutting down.
+    #[error("the DMZ node is shutting down")]
+    ShuttingDown,
+    /// The tunnel is draining.
+    #[error("tunnel is draining")]
+    Draining,
+}
+
+impl Declined {
+    /// The `reason` label of `relay_rejections_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Declined::Invalid(_) => "service_invalid",
+            Declined::NotAllowed(_) => "service_not_allowed",
+            Declined::Conflict(_) => "service_conflict",
+            Declined::Bind(_) => "service_bind",
+            Declined::ShuttingDown | Declined::Draining => "shutting_down",
+        }
+    }
+}
+
+/// The verdict on one declaration, counted by reason when declined.
+fn verdict(name: &str, result: Result<(), Declined>) -> ServiceVerdict {
+    ServiceVerdict::of(
+        name,
+        result.map_err(|e| {
+            metrics::counter!(m::REJECTIONS, "reason" => e.label()).increment(1);
+            e.to_string()
+        }),
+    )
+}
 
 /// One tunnel connection of an agent that has registered.
 #[derive(Debug)]
@@ -147,7 +196,7 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     public_bind: Option<IpAddr>,
-    listen_allow: std::sync::RwLock<Vec<AddrRule>>,
+    rights: std::sync::RwLock<Arc<Rights>>,
     proxies_trusted: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
 }
@@ -215,27 +264,65 @@ fn close_if_unused(inner: &mut Inner, name: &str) {
 }
 
 impl Registry {
-    /// An empty registry for a node binding `public_bind` (when set) under `listen_allow`.
+    /// An empty registry for a node binding `public_bind` (when set) under `rights`.
     pub fn new(
         public_bind: Option<IpAddr>,
-        listen_allow: Vec<AddrRule>,
+        rights: Arc<Rights>,
         proxies_trusted: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::default(),
             public_bind,
-            listen_allow: std::sync::RwLock::new(listen_allow),
+            rights: std::sync::RwLock::new(rights),
             proxies_trusted: proxies_trusted.into(),
             next_id: AtomicU64::new(1),
         })
     }
 
-    /// Replaces `policy.listen_allow`, and whether any proxy is trusted, for registrations
-    /// from now on.
-    pub fn set_policy(&self, rules: Vec<AddrRule>, proxies_trusted: bool) {
-        *self.listen_allow.write().unwrap_or_else(|p| p.into_inner()) = rules;
+    /// Replaces the identities' rights, and whether any proxy is trusted, for registrations
+    /// from now on; takes each tunnel out of the services its identity lost the right to
+    /// (closing listeners no one else serves; sessions running go on). Returns, per tunnel
+    /// that lost services, the carrier and the verdicts to tell its agent.
+    pub fn set_policy(
+        &self,
+        rights: Arc<Rights>,
+        proxies_trusted: bool,
+    ) -> Vec<(Arc<Carrier>, Vec<ServiceVerdict>)> {
+        *self.rights.write().unwrap_or_else(|p| p.into_inner()) = rights.clone();
         self.proxies_trusted
             .store(proxies_trusted, Ordering::Relaxed);
+        let mut inner = lock(&self.inner);
+        let mut lost: Vec<(Arc<Carrier>, Vec<ServiceVerdict>)> = Vec::new();
+        let mut emptied = Vec::new();
+        for (name, service) in inner.services.iter_mut() {
+            service.carriers.retain(|c| {
+                let Err(e) = rights.of(&c.agent).may_listen(&service.spec) else {
+                    return true;
+                };
+                tracing::warn!(agent = %c.agent, service = %name, reason = %e, "agent's right to the service revoked by a reload: withdrawn");
+                let v = verdict(name, Err(Declined::NotAllowed(e)));
+                match lost.iter_mut().find(|(l, _)| l.id == c.id) {
+                    Some((_, verdicts)) => verdicts.push(v),
+                    None => lost.push((c.clone(), vec![v])),
+                }
+                false
+            });
+            emptied.push(name.clone());
+        }
+        for (carrier, verdicts) in &lost {
+            if let Some(names) = inner.carrier_services.get_mut(&carrier.id) {
+                names.retain(|n| !verdicts.iter().any(|v| &v.name == n));
+            }
+        }
+        for name in emptied {
+            close_if_unused(&mut inner, &name);
+        }
+        lost
+    }
+
+    /// Whether at least one public listener accepts partners now.
+    pub fn any_open(&self) -> bool {
+        lock(&self.inner).services.values().any(|s| s.accepting)
     }
 
     /// A new tunnel id.
@@ -255,39 +342,42 @@ impl Registry {
         let mut accepted = Vec::new();
         for (i, decl) in reg.services.iter().enumerate() {
             let duplicate = reg.services[..i].iter().any(|d| d.name == decl.name);
-            let verdict = if duplicate {
-                Err(format!("service {:?} is declared twice", decl.name))
+            let result = if duplicate {
+                Err(Declined::Invalid(format!(
+                    "service {:?} is declared twice",
+                    decl.name
+                )))
             } else if inner.closed {
-                Err("the DMZ node is shutting down".to_owned())
+                Err(Declined::ShuttingDown)
             } else {
                 self.admit(&mut inner, agent, decl)
             };
-            if verdict.is_ok() {
+            if result.is_ok() {
                 accepted.push(decl.name.clone());
             }
-            verdicts.push(ServiceVerdict::of(&decl.name, verdict));
+            verdicts.push(verdict(&decl.name, result));
         }
         let reservation = Reservation {
             registry: self.clone(),
             services: accepted,
             active: false,
         };
-        (RegistrationAnswer { services: verdicts }, reservation)
+        (RegistrationAnswer::verdicts(verdicts), reservation)
     }
 
-    fn admit(&self, inner: &mut Inner, agent: &str, decl: &ServiceDecl) -> Result<(), String> {
+    fn admit(&self, inner: &mut Inner, agent: &str, decl: &ServiceDecl) -> Result<(), Declined> {
         if !protocol::valid_service_name(&decl.name) {
-            return Err(format!(
+            return Err(Declined::Invalid(format!(
                 "invalid service name {:?}: a letter, then letters, digits, '.', '_' or '-', 64 at most",
                 decl.name
-            ));
+            )));
         }
-        let spec: ListenSpec = decl.listen.parse()?;
+        let spec: ListenSpec = decl.listen.parse().map_err(Declined::Invalid)?;
         if decl.accept_proxy && !self.proxies_trusted.load(Ordering::Relaxed) {
-            return Err(
+            return Err(Declined::Invalid(
                 "accept_proxy: this DMZ node trusts no proxy (policy.trusted_proxies is empty)"
                     .into(),
-            );
+            ));
         }
         let allow = decl
             .allow
@@ -295,28 +385,24 @@ impl Registry {
             .map(|a| {
                 a.parse::<IpNet>()
                     .or_else(|_| a.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| format!("allow: invalid network {a:?}"))
+                    .map_err(|_| Declined::Invalid(format!("allow: invalid network {a:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let allowed = self
-            .listen_allow
+        // Opening a service and joining one both need the declaring identity's own right:
+        // another identity serving it already gives none.
+        self.rights
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|rule| rule.covers(&spec));
-        if !allowed {
-            return Err(format!(
-                "listen address {spec} is not allowed by policy.listen_allow"
-            ));
-        }
+            .of(agent)
+            .may_listen(&spec)?;
         if let Some(existing) = inner.services.get_mut(&decl.name) {
             if existing.spec != spec {
                 let agents: Vec<&str> =
                     existing.carriers.iter().map(|c| c.agent.as_str()).collect();
-                return Err(format!(
+                return Err(Declined::Conflict(format!(
                     "service {:?} is already served on {} (agents {:?}); this declaration asks for {spec}",
                     decl.name, existing.spec, agents
-                ));
+                )));
             }
             let policy = ListenerPolicy {
                 allow,
@@ -331,10 +417,10 @@ impl Registry {
                 .filter(|a| *a != agent)
                 .collect();
             if !others.is_empty() && *existing.listener.policy() != policy {
-                return Err(format!(
+                return Err(Declined::Conflict(format!(
                     "service {:?}: allow/accept_proxy differ from what agents {others:?} declared",
                     decl.name
-                ));
+                )));
             }
             existing.pending += 1;
             *lock(&existing.listener.policy) = Arc::new(policy);
@@ -346,15 +432,17 @@ impl Registry {
                 || other.bind_ip.is_unspecified()
                 || bind_ip.is_unspecified();
             if same_ip && other.spec.ports.overlaps(&spec.ports) {
-                return Err(format!(
+                return Err(Declined::Conflict(format!(
                     "ports {} overlap service {name:?} on {}",
                     spec.ports, other.spec
-                ));
+                )));
             }
         }
         let sockets = spec
             .addrs(Some(bind_ip))
-            .map(|addr| bind_reuse(addr).map_err(|e| format!("cannot bind {addr}: {e}")))
+            .map(|addr| {
+                bind_reuse(addr).map_err(|e| Declined::Bind(format!("cannot bind {addr}: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         tracing::info!(service = %decl.name, listen = %spec, bind = %bind_ip, agent, "public listener bound");
         let listener = Arc::new(PublicListener {
@@ -411,9 +499,9 @@ impl Registry {
         let Some(old) = inner.carrier_services.get(&carrier.id).cloned() else {
             let verdicts = decls
                 .iter()
-                .map(|d| ServiceVerdict::of(&d.name, Err("tunnel is draining".into())))
+                .map(|d| verdict(&d.name, Err(Declined::Draining)))
                 .collect();
-            return (RegistrationAnswer { services: verdicts }, Vec::new());
+            return (RegistrationAnswer::verdicts(verdicts), Vec::new());
         };
         // Release what is dropped or moved first, so a moved service can be admitted again.
         let keep = |name: &str, inner: &Inner| {
@@ -436,8 +524,11 @@ impl Registry {
         let mut names = Vec::new();
         let mut start = Vec::new();
         for (i, decl) in decls.iter().enumerate() {
-            let verdict = if decls[..i].iter().any(|d| d.name == decl.name) {
-                Err(format!("service {:?} is declared twice", decl.name))
+            let result = if decls[..i].iter().any(|d| d.name == decl.name) {
+                Err(Declined::Invalid(format!(
+                    "service {:?} is declared twice",
+                    decl.name
+                )))
             } else if kept.contains(&decl.name) {
                 self.admit(&mut inner, &carrier.agent, decl).map(|()| {
                     // Already attached: admit only refreshed the allow list and took a slot.
@@ -446,15 +537,15 @@ impl Registry {
                     }
                 })
             } else if inner.closed {
-                Err("the DMZ node is shutting down".to_owned())
+                Err(Declined::ShuttingDown)
             } else {
                 self.admit(&mut inner, &carrier.agent, decl)
                     .map(|()| start.extend(attach(&mut inner, &decl.name, carrier)))
             };
-            if verdict.is_ok() {
+            if result.is_ok() {
                 names.push(decl.name.clone());
             }
-            verdicts.push(ServiceVerdict::of(&decl.name, verdict));
+            verdicts.push(verdict(&decl.name, result));
         }
         // A kept service whose new declaration was refused is released too.
         for name in kept.iter().filter(|n| !names.contains(n)) {
@@ -464,7 +555,7 @@ impl Registry {
             close_if_unused(&mut inner, name);
         }
         inner.carrier_services.insert(carrier.id, names);
-        (RegistrationAnswer { services: verdicts }, start)
+        (RegistrationAnswer::verdicts(verdicts), start)
     }
 
     /// A tunnel of this service, chosen round robin, to carry an audit record.
@@ -561,7 +652,14 @@ mod tests {
         // b on shards 2 and 3. Sessions are accepted on shard 0.
         let shards = Shards::start("test-shard", 4).unwrap();
         let shard = |i: usize| shards.handles().by_index(i).handle().clone();
-        let registry = Registry::new(None, vec!["127.0.0.1:*".parse().unwrap()], false);
+        let rights = crate::rights::Rights {
+            global: crate::rights::Rules {
+                listen_allow: vec!["127.0.0.1:*".parse().unwrap()],
+                connect_allow: Vec::new(),
+            },
+            ..Default::default()
+        };
+        let registry = Registry::new(None, Arc::new(rights), false);
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .unwrap()

@@ -37,8 +37,17 @@ fn apply(node: &Node) -> Result<String, String> {
     }
     let policy = Arc::new(Policy::from_config(&new));
     *node.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
-    node.registry
-        .set_policy(new.listen_allow.clone(), !new.trusted_proxies.is_empty());
+    let withdrawn = node
+        .registry
+        .set_policy(policy.rights.clone(), !new.trusted_proxies.is_empty());
+    let mut services = 0;
+    for (carrier, verdicts) in withdrawn {
+        services += verdicts.len();
+        // The agent logs the verdicts and shows them in its readiness, as after a registration.
+        let _ = carrier
+            .control
+            .try_send(relay_tunnel::protocol::DmzMessage::Registered { services: verdicts });
+    }
     let mut cut = 0;
     for tunnel in node.live.lock().unwrap_or_else(|p| p.into_inner()).values() {
         if !policy.admits(&tunnel.agent, &tunnel.chain) {
@@ -55,7 +64,10 @@ fn apply(node: &Node) -> Result<String, String> {
     new.keepalive = current.keepalive;
     new.limits = current.limits;
     *current = new;
-    let mut summary = format!("reloaded {}; {cut} tunnel(s) cut", path.display());
+    let mut summary = format!(
+        "reloaded {}; {cut} tunnel(s) cut; {services} service declaration(s) withdrawn",
+        path.display()
+    );
     if !restart.is_empty() {
         summary += &format!("; changes to {} apply after a restart", restart.join(", "));
     }

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use relay_tunnel::keepalive;
 use relay_tunnel::metrics as m;
-use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, Registration};
+use relay_tunnel::protocol::{
+    self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, Registration, RegistrationAnswer,
+};
 use relay_tunnel::{h2conf, tls};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -22,6 +24,12 @@ use crate::{control, outbound, partner};
 pub(crate) enum Refused {
     #[error("{0} connections from this source are already in their handshake")]
     PendingLimit(usize),
+    #[error(
+        "evicted before its ClientHello ended: a newer connection from the same source took its place"
+    )]
+    Evicted,
+    #[error("no complete TLS ClientHello within {0:?}")]
+    HelloTimeout(std::time::Duration),
     #[error("TLS handshake failed: {0}")]
     Handshake(std::io::Error),
     #[error("TLS handshake not finished within {0:?}")]
@@ -32,6 +40,8 @@ pub(crate) enum Refused {
     NoIdentity,
     #[error("agent identity {0:?} is not in tunnel.agents")]
     UnknownAgent(String),
+    #[error("{0}")]
+    NoRights(crate::rights::NotAllowed),
     #[error("registration: {0}")]
     Registration(String),
 }
@@ -47,9 +57,13 @@ impl Refused {
                 "bad_alpn"
             }
             Refused::PendingLimit(_) => "pending_limit",
-            Refused::Handshake(_) | Refused::HandshakeTimeout(_) => "tls_handshake",
+            Refused::Evicted => "pending_evicted",
+            Refused::Handshake(_) | Refused::HandshakeTimeout(_) | Refused::HelloTimeout(_) => {
+                "tls_handshake"
+            }
             Refused::Alpn(_) => "bad_alpn",
             Refused::NoIdentity | Refused::UnknownAgent(_) => "unknown_agent",
+            Refused::NoRights(_) => "no_rights",
             Refused::Registration(_) => "registration",
         }
     }
@@ -74,10 +88,14 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let _ = stream.set_nodelay(true);
-    let (mut tls_stream, agent, kind) = match authenticate(stream, &node).await {
+    let (mut tls_stream, agent, kind) = match authenticate(stream, &node, &handshake_permit).await {
         Ok(ok) => ok,
         Err(refused) => return refuse(&node, peer, &refused),
     };
+    if let Err(refused) = admitted(&node, &agent) {
+        refuse(&node, peer, &refused);
+        return tell_refused(tls_stream, &node, kind, &refused).await;
+    }
     let chain = tls_stream
         .get_ref()
         .1
@@ -264,16 +282,38 @@ enum Kind {
     Outbound,
 }
 
+/// Time a new agent connection has to send its whole TLS ClientHello (at most
+/// `limits.handshake_timeout`). A real agent sends it at once; a peer that stalls before it
+/// holds a pending slot for this long at most, and is the first evicted when its source is at
+/// its share. It covers two retransmissions of a lost first segment (1 s, then 2 s).
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 async fn authenticate(
     stream: TcpStream,
     node: &Node,
+    slot: &crate::pending::Slot,
 ) -> Result<(TlsStream<TcpStream>, String, Kind), Refused> {
     let t = &node.tunnel;
+    let started = Instant::now();
+    let hello_timeout = HELLO_TIMEOUT.min(t.handshake_timeout);
+    let acceptor =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let start = tokio::select! {
+        r = tokio::time::timeout(hello_timeout, acceptor) => r
+            .map_err(|_| Refused::HelloTimeout(hello_timeout))?
+            .map_err(Refused::Handshake)?,
+        _ = slot.evicted() => return Err(Refused::Evicted),
+    };
+    slot.hello_done();
     let policy = node.policy();
-    let tls_stream = tokio::time::timeout(t.handshake_timeout, policy.acceptor.accept(stream))
-        .await
-        .map_err(|_| Refused::HandshakeTimeout(t.handshake_timeout))?
-        .map_err(Refused::Handshake)?;
+    let remaining = t.handshake_timeout.saturating_sub(started.elapsed());
+    let tls_stream = tokio::time::timeout(
+        remaining,
+        start.into_stream(policy.acceptor.config().clone()),
+    )
+    .await
+    .map_err(|_| Refused::HandshakeTimeout(t.handshake_timeout))?
+    .map_err(Refused::Handshake)?;
     let (_, conn) = tls_stream.get_ref();
     let kind = match conn.alpn_protocol() {
         Some(ALPN_INBOUND_V1) => Kind::Inbound,
@@ -285,10 +325,43 @@ async fn authenticate(
         }
     };
     let agent = tls::peer_identity(conn).ok_or(Refused::NoIdentity)?;
-    if let Some(allowed) = &policy.agents
-        && !allowed.iter().any(|a| a == &agent)
-    {
-        return Err(Refused::UnknownAgent(agent));
-    }
     Ok((tls_stream, agent, kind))
+}
+
+/// Whether identity `agent`, authenticated, may hold a tunnel: listed in `tunnel.agents` (when
+/// set) and with some rights on this node.
+fn admitted(node: &Node, agent: &str) -> Result<(), Refused> {
+    let policy = node.policy();
+    if let Some(allowed) = &policy.agents
+        && !allowed.iter().any(|a| a == agent)
+    {
+        return Err(Refused::UnknownAgent(agent.to_owned()));
+    }
+    if let Err(e) = policy.rights.of(agent).any_rights() {
+        return Err(Refused::NoRights(e));
+    }
+    Ok(())
+}
+
+/// Tells an agent refused after its handshake why, in the answer to its registration (an
+/// inbound carrier; an outbound carrier is just closed), so that its log says more than "peer
+/// closed connection". Bounded by the handshake timeout.
+async fn tell_refused(mut tls: TlsStream<TcpStream>, node: &Node, kind: Kind, refused: &Refused) {
+    if kind != Kind::Inbound {
+        return;
+    }
+    let exchange = async {
+        // Read the registration first: closing with it unread would reset the connection and
+        // could discard the answer before the agent reads it.
+        protocol::read_message::<Registration, _>(&mut tls)
+            .await
+            .map_err(std::io::Error::other)?;
+        let answer = RegistrationAnswer {
+            services: Vec::new(),
+            refused: Some(refused.to_string()),
+        };
+        protocol::write_message(&mut tls, &answer).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut tls).await
+    };
+    let _ = tokio::time::timeout(node.tunnel.handshake_timeout, exchange).await;
 }

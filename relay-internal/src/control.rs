@@ -8,10 +8,9 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Request, Response};
 use relay_tunnel::control::{self, Reader};
-use relay_tunnel::protocol::{AgentMessage, DmzMessage, RegistrationAnswer};
+use relay_tunnel::protocol::{AgentMessage, DmzMessage};
 use tokio::sync::watch;
 
-use crate::dialer::report_verdicts;
 use crate::{Agent, Settings};
 
 /// Serves the control stream DMZ node `dmz` opened on tunnel connection `index`.
@@ -48,7 +47,7 @@ pub async fn serve(
             }
             message = reader.next::<DmzMessage>() => match message {
                 Ok(Some(DmzMessage::Registered { services })) => {
-                    report_verdicts(&RegistrationAnswer { services }, index);
+                    agent.record_verdicts(&dmz, &services, false, index);
                     Ok(())
                 }
                 Ok(Some(DmzMessage::Drained)) => {

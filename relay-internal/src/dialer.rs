@@ -34,7 +34,7 @@ enum TunnelError {
     Connect(std::io::Error),
     #[error("connect: no answer within {0:?}")]
     ConnectTimeout(Duration),
-    #[error("TLS handshake: {0}")]
+    #[error("TLS handshake: {0}{hint}", hint = tls_hint(.0))]
     Tls(std::io::Error),
     #[error(
         "DMZ did not agree on ALPN {:?}",
@@ -43,8 +43,75 @@ enum TunnelError {
     Alpn,
     #[error("registration: {0}")]
     Registration(String),
+    #[error("the DMZ refused this agent: {0}")]
+    Refused(String),
     #[error("HTTP/2: {0}")]
     Http2(h2::Error),
+}
+
+/// The likely causes of a failed tunnel handshake, in words, after the TLS error itself (which
+/// names an alert or a parse error that means little to an operator). Empty when unknown.
+fn tls_hint(e: &std::io::Error) -> &'static str {
+    use rustls::AlertDescription as Alert;
+    use rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                " (the DMZ closed the connection during the handshake: see its log for why; \
+                 at its limit of pending handshakes, or not a relay DMZ)"
+            }
+            _ => "",
+        };
+    };
+    match tls {
+        Error::AlertReceived(
+            Alert::UnknownCA
+            | Alert::DecryptError
+            | Alert::BadCertificate
+            | Alert::CertificateUnknown
+            | Alert::UnsupportedCertificate
+            | Alert::AccessDenied,
+        ) => {
+            " (the DMZ did not accept this agent's certificate: is it issued by the CA the DMZ \
+             trusts (its tunnel.ca), still valid, and a client certificate?)"
+        }
+        Error::AlertReceived(Alert::CertificateExpired) => {
+            " (the DMZ says this agent's certificate has expired or is not valid yet: renew it, \
+             and check both clocks)"
+        }
+        Error::AlertReceived(Alert::CertificateRevoked) => {
+            " (the DMZ says this agent's certificate is revoked (its tunnel.crl): issue a new one)"
+        }
+        Error::AlertReceived(Alert::CertificateRequired) => {
+            " (the DMZ requires a client certificate: check tls.cert and tls.key)"
+        }
+        Error::AlertReceived(Alert::NoApplicationProtocol) => {
+            " (the DMZ does not speak this agent's tunnel protocol version: upgrade the older side)"
+        }
+        Error::AlertReceived(Alert::ProtocolVersion | Alert::HandshakeFailure) => {
+            " (no TLS version or cipher in common: the tunnel is TLS 1.3 only)"
+        }
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            " (the DMZ's certificate is not issued by a CA in this agent's tls.ca)"
+        }
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => " (the DMZ's certificate does not name server_name: set server_name to a name it has)",
+        Error::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        ) => {
+            " (the DMZ's certificate has expired or is not valid yet: renew it, and check both clocks)"
+        }
+        Error::InvalidMessage(_)
+        | Error::InappropriateHandshakeMessage { .. }
+        | Error::InappropriateMessage { .. } => {
+            " (the peer does not speak TLS: is this address the DMZ's tunnel.listen, not a public or admin port?)"
+        }
+        _ => "",
+    }
 }
 
 /// The role of a tunnel connection.
@@ -164,7 +231,10 @@ async fn serve_inbound(
         .await
         .map_err(|_| TunnelError::Registration(format!("no answer within {timeout:?}")))?
         .map_err(|e| TunnelError::Registration(e.to_string()))?;
-    report_verdicts(&answer, index);
+    if let Some(reason) = answer.refused {
+        return Err(TunnelError::Refused(reason));
+    }
+    agent.record_verdicts(&node.addr, &answer.services, true, index);
     let mut connection = tokio::time::timeout(timeout, h2conf::server().handshake::<_, Bytes>(tls))
         .await
         .map_err(|_| TunnelError::ConnectTimeout(timeout))?
@@ -289,20 +359,4 @@ async fn serve_outbound(
         let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
     }
     Ok(ended)
-}
-
-/// Logs the DMZ's verdicts; connection `index` 0 speaks for all at warn level.
-pub(crate) fn report_verdicts(answer: &RegistrationAnswer, index: usize) {
-    for v in &answer.services {
-        match (&v.reason, v.accepted) {
-            (_, true) => tracing::debug!(service = %v.name, "service accepted"),
-            // Every connection registers; the first one speaks for all.
-            (Some(reason), false) if index == 0 => {
-                tracing::warn!(service = %v.name, %reason, "service rejected by the DMZ")
-            }
-            (reason, false) => {
-                tracing::debug!(service = %v.name, ?reason, "service rejected by the DMZ")
-            }
-        }
-    }
 }

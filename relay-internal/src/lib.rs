@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use relay_tunnel::admin;
 use relay_tunnel::metrics as m;
 use relay_tunnel::net::bind_reuse;
-use relay_tunnel::protocol::Registration;
+use relay_tunnel::protocol::{Registration, ServiceVerdict};
 use relay_tunnel::shards::Shards;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -58,6 +58,8 @@ pub struct Agent {
     /// Cancelled at the drain deadline: sessions still running are reset.
     pub(crate) stop_sessions: CancellationToken,
     connected: Mutex<HashMap<String, usize>>,
+    /// The DMZ nodes' latest verdicts: node, then service, then the reason when rejected.
+    verdicts: Mutex<HashMap<String, std::collections::BTreeMap<String, Option<String>>>>,
     config: Mutex<AgentConfig>,
 }
 
@@ -136,16 +138,78 @@ impl Agent {
         }
     }
 
+    /// Logs the verdicts of DMZ node `dmz` and keeps them for readiness. A full answer (to a
+    /// registration) replaces what the node said before; a partial one (a service withdrawn
+    /// by the DMZ's reload) updates the services it names. Connection `index` 0 speaks for
+    /// all at warn level.
+    pub(crate) fn record_verdicts(
+        &self,
+        dmz: &str,
+        verdicts: &[ServiceVerdict],
+        full: bool,
+        index: usize,
+    ) {
+        for v in verdicts {
+            match (&v.reason, v.accepted) {
+                (_, true) => tracing::debug!(service = %v.name, "service accepted"),
+                // Every connection registers; the first one speaks for all.
+                (Some(reason), false) if index == 0 => {
+                    tracing::warn!(service = %v.name, %reason, "service rejected by the DMZ")
+                }
+                (reason, false) => {
+                    tracing::debug!(service = %v.name, ?reason, "service rejected by the DMZ")
+                }
+            }
+        }
+        let declared = self.settings().decls.clone();
+        let mut all = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        let node = all.entry(dmz.to_owned()).or_default();
+        if full {
+            node.clear();
+        }
+        for v in verdicts {
+            let reason = (!v.accepted).then(|| v.reason.clone().unwrap_or_default());
+            node.insert(v.name.clone(), reason);
+        }
+        node.retain(|name, _| declared.iter().any(|d| &d.name == name));
+    }
+
     fn readiness(&self) -> Result<(), String> {
         if self.drain.is_cancelled() {
             return Err("draining: shutting down".into());
         }
-        let connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
-        if connected.values().any(|&n| n > 0) {
-            Ok(())
-        } else {
-            Err("no DMZ node connected".into())
+        let connected: Vec<String> = self
+            .connected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(node, _)| node.clone())
+            .collect();
+        if connected.is_empty() {
+            return Err("no DMZ node connected".into());
         }
+        // Connected but serving nothing (every service rejected by every connected node) is
+        // not ready either: the reason is the operator's first clue.
+        let verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rejected = None;
+        for node in &connected {
+            let Some(services) = verdicts.get(node) else {
+                return Ok(());
+            };
+            if services.is_empty() || services.values().any(Option::is_none) {
+                return Ok(());
+            }
+            if rejected.is_none() {
+                rejected = services.iter().next().map(|(name, reason)| {
+                    format!("{name} on {node}: {}", reason.as_deref().unwrap_or(""))
+                });
+            }
+        }
+        Err(format!(
+            "connected, but the DMZ rejected every service (first: {})",
+            rejected.unwrap_or_default()
+        ))
     }
 }
 
@@ -171,6 +235,7 @@ pub async fn run(
         stop_tunnels: CancellationToken::new(),
         stop_sessions: CancellationToken::new(),
         connected: Mutex::new(config.dmz.iter().map(|n| (n.addr.clone(), 0)).collect()),
+        verdicts: Mutex::default(),
         log_limit: relay_tunnel::ratelog::RateLimit::new(std::time::Duration::from_secs(1)),
         config: Mutex::new(config.clone()),
     });

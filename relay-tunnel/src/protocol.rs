@@ -100,6 +100,21 @@ impl ServiceVerdict {
 pub struct RegistrationAnswer {
     /// One verdict per declared service, in the declared order.
     pub services: Vec<ServiceVerdict>,
+    /// Set when the DMZ refuses this agent identity as a whole (not in `tunnel.agents`, no
+    /// rights on the node): why, for the agent's log. The DMZ closes the connection after it,
+    /// and `services` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+impl RegistrationAnswer {
+    /// The verdicts on a registration the DMZ took.
+    pub fn verdicts(services: Vec<ServiceVerdict>) -> Self {
+        Self {
+            services,
+            refused: None,
+        }
+    }
 }
 
 /// The path of the control stream the DMZ opens on each inbound carrier (a POST whose request

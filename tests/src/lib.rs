@@ -150,8 +150,23 @@ pub struct DmzOptions {
     pub connect_allow: Vec<String>,
     /// `policy.trusted_proxies`.
     pub trusted_proxies: Vec<String>,
+    /// `policy.default`, if set.
+    pub policy_default: Option<&'static str>,
+    /// `[policy.agents."ID"]` tables: identity, `listen_allow`, `connect_allow`.
+    pub agent_rules: Vec<AgentRules>,
     /// Extra TOML appended under `[limits]`.
     pub limits: String,
+}
+
+/// One `[policy.agents."ID"]` table of a DMZ config.
+#[derive(Clone, Debug, Default)]
+pub struct AgentRules {
+    /// The identity.
+    pub agent: String,
+    /// `listen_allow`.
+    pub listen_allow: Vec<String>,
+    /// `connect_allow`.
+    pub connect_allow: Vec<String>,
 }
 
 impl Default for DmzOptions {
@@ -165,6 +180,8 @@ impl Default for DmzOptions {
             listen_allow: vec!["127.0.0.0/8:1024-65535".into()],
             connect_allow: Vec::new(),
             trusted_proxies: Vec::new(),
+            policy_default: None,
+            agent_rules: Vec::new(),
             limits: String::new(),
         }
     }
@@ -192,6 +209,15 @@ impl DmzOptions {
             "\n[policy]\nlisten_allow = {:?}\nconnect_allow = {:?}\ntrusted_proxies = {:?}\n",
             self.listen_allow, self.connect_allow, self.trusted_proxies
         );
+        if let Some(default) = self.policy_default {
+            s += &format!("default = {default:?}\n");
+        }
+        for r in &self.agent_rules {
+            s += &format!(
+                "\n[policy.agents.{:?}]\nlisten_allow = {:?}\nconnect_allow = {:?}\n",
+                r.agent, r.listen_allow, r.connect_allow
+            );
+        }
         s += &format!("\n[limits]\n{}\n", self.limits);
         s
     }

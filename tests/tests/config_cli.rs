@@ -625,7 +625,11 @@ fn documented_examples_pass_check() {
     assert!(!agent.inbound.is_empty());
     for svc in &agent.inbound {
         assert!(
-            dmz.listen_allow.iter().any(|rule| rule.covers(&svc.listen)),
+            dmz.rights
+                .global
+                .listen_allow
+                .iter()
+                .any(|rule| rule.covers(&svc.listen)),
             "service {} listen {} is outside the DMZ example's policy.listen_allow",
             svc.name,
             svc.listen
@@ -636,7 +640,9 @@ fn documented_examples_pass_check() {
         let (host, port) = out.target.rsplit_once(':').expect("HOST:PORT");
         let port: u16 = port.parse().expect("port");
         assert!(
-            dmz.connect_allow
+            dmz.rights
+                .global
+                .connect_allow
                 .iter()
                 .any(|rule| rule.admits_name(host, port)),
             "outbound {} target {} is outside the DMZ example's policy.connect_allow",

@@ -72,8 +72,8 @@ impl RogueDmz {
                     let Ok(Ok(registration)) = tokio::time::timeout(LIMIT, read).await else {
                         return;
                     };
-                    let answer = RegistrationAnswer {
-                        services: registration
+                    let answer = RegistrationAnswer::verdicts(
+                        registration
                             .services
                             .iter()
                             .map(|s| ServiceVerdict {
@@ -82,7 +82,7 @@ impl RogueDmz {
                                 reason: None,
                             })
                             .collect(),
-                    };
+                    );
                     if protocol::write_message(&mut tls, &answer).await.is_ok() {
                         // A connection nobody takes is dropped; the agent dials again.
                         let _ = tx.try_send(tls);
