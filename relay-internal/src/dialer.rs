@@ -43,9 +43,13 @@ enum TunnelError {
     Alpn,
     #[error("registration: {0}")]
     Registration(String),
+    /// In TLS 1.3 the DMZ checks the agent's certificate after the agent's side of the
+    /// handshake is done: its refusal arrives while the registration is exchanged.
+    #[error("registration: {0}{hint}", hint = tls_hint(.0))]
+    RegistrationIo(std::io::Error),
     #[error("the DMZ refused this agent: {0}")]
     Refused(String),
-    #[error("HTTP/2: {0}")]
+    #[error("HTTP/2: {0}{hint}", hint = .0.get_io().map_or("", tls_hint))]
     Http2(h2::Error),
 }
 
@@ -223,14 +227,18 @@ async fn serve_inbound(
     let registration = agent.registration();
     let exchange = async {
         protocol::write_message(&mut tls, &registration).await?;
+        // The connection's own error as it is, so that a TLS alert can be read from it.
         protocol::read_message::<RegistrationAnswer, _>(&mut tls)
             .await
-            .map_err(std::io::Error::other)
+            .map_err(|e| match e {
+                protocol::ReadMessageError::Io(io) => io,
+                other => std::io::Error::other(other),
+            })
     };
     let answer = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| TunnelError::Registration(format!("no answer within {timeout:?}")))?
-        .map_err(|e| TunnelError::Registration(e.to_string()))?;
+        .map_err(TunnelError::RegistrationIo)?;
     if let Some(reason) = answer.refused {
         return Err(TunnelError::Refused(reason));
     }
