@@ -33,6 +33,8 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     /// `limits.proxy_header_timeout`.
     pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `limits.first_bytes_timeout`.
+    pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(5);
     /// `limits.drain_delay`.
     pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
     /// `limits.drain_timeout`.
@@ -122,6 +124,7 @@ struct RawLimits {
     half_closed_timeout: Option<String>,
     drain_delay: Option<String>,
     proxy_header_timeout: Option<String>,
+    first_bytes_timeout: Option<String>,
     drain_timeout: Option<String>,
 }
 
@@ -186,6 +189,8 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Time a trusted proxy has to send the PROXY header.
     pub proxy_header_timeout: Duration,
+    /// Time a partner of a gated or SNI-routed service has to send the bytes its check needs.
+    pub first_bytes_timeout: Duration,
     /// Time between turning `/readyz` to 503 and closing the public listeners on shutdown,
     /// so a load balancer stops sending partners first.
     pub drain_delay: Duration,
@@ -209,6 +214,7 @@ impl Limits {
             half_closed_timeout: defaults::HALF_CLOSED_TIMEOUT,
             drain_timeout: defaults::DRAIN_TIMEOUT,
             proxy_header_timeout: defaults::PROXY_HEADER_TIMEOUT,
+            first_bytes_timeout: defaults::FIRST_BYTES_TIMEOUT,
             drain_delay: defaults::DRAIN_DELAY,
         }
     }
@@ -480,6 +486,12 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
             "limits.proxy_header_timeout",
             &l.proxy_header_timeout,
             defaults::PROXY_HEADER_TIMEOUT,
+        ),
+        first_bytes_timeout: duration(
+            &mut err,
+            "limits.first_bytes_timeout",
+            &l.first_bytes_timeout,
+            defaults::FIRST_BYTES_TIMEOUT,
         ),
         drain_delay: match &l.drain_delay {
             Some(s) => err

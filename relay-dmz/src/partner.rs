@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::Node;
-use crate::registry::{Busy, Carrier, ListenerPolicy, PublicListener};
+use crate::registry::{Busy, Carrier, ListenerPolicy, PublicListener, Route};
+use relay_tunnel::first_bytes::{self, Expect, Sniffed};
 
 /// Pause after an accept error (such as running out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -32,36 +33,55 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
             None => return,
             Some(Ok((stream, peer))) => {
                 let node2 = node.clone();
-                let service = listener.service.clone();
-                let policy = listener.policy();
+                let routes = listener.routes();
+                // A service on its own address is known at accept; on an address shared by
+                // SNI, only once the ClientHello is read.
+                let own = match routes.as_slice() {
+                    [route] if route.policy.sni.is_empty() => Some(route.clone()),
+                    _ => None,
+                };
+                let label = own
+                    .as_ref()
+                    .map_or_else(|| listener.service.clone(), |r| r.service.clone());
                 let session_id = protocol::new_session_id();
-                let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::INBOUND, %peer, partner = tracing::field::Empty);
+                let span = tracing::info_span!("session", id = %session_id, service = %label, direction = m::INBOUND, %peer, partner = tracing::field::Empty);
                 // The session runs on the shard of the tunnel it will try first, so that its
                 // pump and that tunnel's connection task share a thread; here when that tunnel
                 // runs here (no hand-over to another thread).
                 let here = tokio::runtime::Handle::current();
-                let candidates = node.registry.candidates(&service, &here);
+                let candidates = match &own {
+                    Some(route) => node.registry.candidates(&route.service, &here),
+                    None => Vec::new(),
+                };
                 let first = candidates.first();
                 let placed = first.map(Busy::new);
                 let shard = first
                     .map(|c| c.runtime.clone())
                     .filter(|shard| shard.id() != here.id());
                 let session = async move |stream| {
-                    let (outcome, partner) = pump::catch_panic(admit_and_relay(
+                    let accepted = Accepted {
+                        peer,
+                        routes,
+                        own,
+                        label,
+                    };
+                    let (outcome, partner, service) = pump::catch_panic(admit_and_relay(
                         &node2,
                         stream,
-                        peer,
-                        &service,
-                        &policy,
+                        &accepted,
                         session_id.clone(),
                         candidates,
                         placed,
                     ))
                     .await
-                    .unwrap_or((pump::INTERNAL_ERROR, peer));
+                    .unwrap_or((
+                        pump::INTERNAL_ERROR,
+                        peer,
+                        accepted.label.clone(),
+                    ));
                     if matches!(
                         outcome,
-                        "source_denied" | "limit" | "no_agent" | "proxy_header"
+                        "source_denied" | "limit" | "no_agent" | "proxy_header" | "protocol"
                     ) {
                         tell_an_agent(&node2, &service, session_id, partner, outcome);
                     }
@@ -119,29 +139,41 @@ fn tell_an_agent(node: &Node, service: &str, session: String, partner: SocketAdd
     }
 }
 
-/// Runs one partner session; returns its result label and the partner address (from the
-/// PROXY header when the service expects one from a trusted proxy).
-#[allow(clippy::too_many_arguments)]
+/// A partner connection as accepted: where it came from and the services of its address.
+struct Accepted {
+    peer: SocketAddr,
+    routes: Arc<Vec<Route>>,
+    /// The service, when the address is its own.
+    own: Option<Route>,
+    /// The service, or the address when services share it by SNI.
+    label: String,
+}
+
+/// Runs one partner session; returns its result label, the partner address (from the PROXY
+/// header when the service expects one from a trusted proxy) and the service it reached (the
+/// address, for an SNI-routed partner no service took).
 async fn admit_and_relay(
     node: &Node,
     partner_stream: TcpStream,
-    peer: SocketAddr,
-    service: &str,
-    policy: &ListenerPolicy,
+    accepted: &Accepted,
     session: String,
     candidates: Vec<Arc<Carrier>>,
     placed: Option<Busy>,
-) -> (&'static str, SocketAddr) {
+) -> (&'static str, SocketAddr, String) {
     let accepted_at = Instant::now();
+    let peer = accepted.peer;
+    let label = || accepted.label.clone();
     // Taken first, so connections waiting for a PROXY header count against the limit too.
     let Ok(_permit) = node.session_limit.clone().try_acquire_owned() else {
         metrics::counter!(m::REJECTIONS, "reason" => "limit").increment(1);
         if let Some(held_back) = node.log_limit.check("limit") {
             tracing::info!(held_back, "session limit reached: closed");
         }
-        return ("limit", peer);
+        return ("limit", peer, label());
     };
-    let (partner, prefix) = if policy.accept_proxy {
+    // Services sharing an address agree on it (the registry checks).
+    let accept_proxy = accepted.routes.iter().any(|r| r.policy.accept_proxy);
+    let (partner, prefix) = if accept_proxy {
         match proxy_header(node, &partner_stream, peer).await {
             Ok(pair) => pair,
             Err(reason) => {
@@ -149,17 +181,64 @@ async fn admit_and_relay(
                 if let Some(held_back) = node.log_limit.check("proxy_header") {
                     tracing::info!(%reason, held_back, "PROXY header refused: closed");
                 }
-                return ("proxy_header", peer);
+                return ("proxy_header", peer, label());
             }
         }
     } else {
         (peer, Bytes::new())
     };
     tracing::Span::current().record("partner", tracing::field::display(partner));
-    // Waiting for the PROXY header may have taken a while: choose the tunnels again.
-    let candidates = if policy.accept_proxy {
+    let expect = accepted
+        .own
+        .as_ref()
+        .map_or(Expect::Tls, |r| r.policy.expect);
+    let gated = !expect.is_any();
+    let (route, prefix) = if gated {
+        // A denied source is cut before its bytes are even read.
+        if denied(node, partner) {
+            return (source_denied(node), partner, label());
+        }
+        let (bytes, server_name) = match first_bytes(node, &partner_stream, prefix, expect).await {
+            Ok(pair) => pair,
+            Err(reason) => {
+                metrics::counter!(m::REJECTIONS, "reason" => "protocol").increment(1);
+                if let Some(held_back) = node.log_limit.check("protocol") {
+                    tracing::info!(%expect, %reason, held_back, "partner failed the protocol check: closed");
+                }
+                return ("protocol", partner, label());
+            }
+        };
+        let route = match &accepted.own {
+            Some(route) => route.clone(),
+            None => {
+                let routes = accepted.routes.iter().map(|r| (&r.policy.sni[..], r));
+                let Some(route) = first_bytes::route(routes, server_name.as_deref()) else {
+                    metrics::counter!(m::REJECTIONS, "reason" => "sni").increment(1);
+                    if let Some(held_back) = node.log_limit.check("sni") {
+                        tracing::info!(
+                            server_name = server_name.as_deref().unwrap_or("(none)"),
+                            held_back,
+                            "no service for this TLS server name: closed"
+                        );
+                    }
+                    return ("sni", partner, label());
+                };
+                route.clone()
+            }
+        };
+        (route, bytes)
+    } else {
+        let route = accepted
+            .own
+            .clone()
+            .expect("an address without SNI has its service");
+        (route, prefix)
+    };
+    // Waiting for the PROXY header or the first bytes may have taken a while, and an SNI
+    // partner's service was not known at accept: choose the tunnels again.
+    let candidates = if accept_proxy || gated {
         node.registry
-            .candidates(service, &tokio::runtime::Handle::current())
+            .candidates(&route.service, &tokio::runtime::Handle::current())
     } else {
         candidates
     };
@@ -167,8 +246,8 @@ async fn admit_and_relay(
         node,
         partner_stream,
         partner,
-        service,
-        policy,
+        &route.service,
+        &route.policy,
         session,
         prefix,
         accepted_at,
@@ -176,7 +255,66 @@ async fn admit_and_relay(
         placed,
     )
     .await;
-    (outcome, partner)
+    (outcome, partner, route.service)
+}
+
+/// Whether `policy.deny` refuses `partner`.
+fn denied(node: &Node, partner: SocketAddr) -> bool {
+    node.policy()
+        .deny
+        .iter()
+        .any(|net| net.contains(&partner.ip()))
+}
+
+/// Counts and logs (rate-limited) a partner refused by its source address.
+fn source_denied(node: &Node) -> &'static str {
+    metrics::counter!(m::REJECTIONS, "reason" => "source_denied").increment(1);
+    if let Some(held_back) = node.log_limit.check("source_denied") {
+        tracing::info!(
+            held_back,
+            "partner source denied (policy.deny or the service's allow list): closed"
+        );
+    }
+    "source_denied"
+}
+
+/// Reads what the partner sends first until `expect` can tell (within
+/// `limits.first_bytes_timeout` and [`first_bytes::LIMIT`]); returns every byte read, to be
+/// passed on unchanged, and the TLS server name when there is one.
+async fn first_bytes(
+    node: &Node,
+    stream: &TcpStream,
+    prefix: Bytes,
+    expect: Expect,
+) -> Result<(Bytes, Option<String>), String> {
+    let read = async {
+        let mut buf = BytesMut::with_capacity(first_bytes::LIMIT);
+        buf.extend_from_slice(&prefix);
+        loop {
+            match first_bytes::inspect(expect, &buf) {
+                Sniffed::Pass { server_name } => return Ok((buf.freeze(), server_name)),
+                Sniffed::Fail(reason) => return Err(reason),
+                Sniffed::More if buf.len() >= first_bytes::LIMIT => {
+                    return Err(format!(
+                        "nothing {expect} could tell within {} bytes",
+                        first_bytes::LIMIT
+                    ));
+                }
+                Sniffed::More => {}
+            }
+            stream.readable().await.map_err(|e| e.to_string())?;
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => return Err("closed before its first bytes could be checked".to_owned()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let timeout = node.limits.first_bytes_timeout;
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| format!("sent too little within {timeout:?} (limits.first_bytes_timeout)"))?
 }
 
 /// Reads the PROXY header a trusted proxy sends first; returns the partner address and any
@@ -232,22 +370,10 @@ async fn relay_partner(
     candidates: Vec<Arc<Carrier>>,
     mut placed: Option<Busy>,
 ) -> &'static str {
-    let denied = node
-        .policy()
-        .deny
-        .iter()
-        .any(|net| net.contains(&partner.ip()));
-    if denied
+    if denied(node, partner)
         || (!policy.allow.is_empty() && !policy.allow.iter().any(|net| net.contains(&partner.ip())))
     {
-        metrics::counter!(m::REJECTIONS, "reason" => "source_denied").increment(1);
-        if let Some(held_back) = node.log_limit.check("source_denied") {
-            tracing::info!(
-                held_back,
-                "partner source denied (policy.deny or the service's allow list): closed"
-            );
-        }
-        return "source_denied";
+        return source_denied(node);
     }
     let _ticket = match node.admission.admit(service, partner.ip()) {
         Ok(ticket) => ticket,

@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::rights::{NotAllowed, Rights};
+use relay_tunnel::first_bytes::{self, Expect, NamePattern};
 
 /// Why a declared service is not served through a tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -124,20 +125,37 @@ pub struct ListenerPolicy {
     pub allow: Vec<IpNet>,
     /// Whether connections must start with a PROXY header from a trusted proxy.
     pub accept_proxy: bool,
+    /// The protocol partners must speak first.
+    pub expect: Expect,
+    /// The TLS server names routed to the service; empty: the address is the service's own.
+    pub sni: Vec<NamePattern>,
 }
 
-/// The bound public sockets of one service, shared by its accept loop and the registry.
+/// One service reachable through a listener, with its admission rules.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The service name.
+    pub service: String,
+    /// Its rules, from the most recent registration.
+    pub policy: Arc<ListenerPolicy>,
+}
+
+/// The bound public sockets of one listen address, shared by its accept loop and the
+/// registry: one service's, or those of several services routed by SNI.
 #[derive(Debug)]
 pub struct PublicListener {
-    /// The service name.
+    /// The service name, or the listen address when services share it by SNI (for logs and
+    /// the metrics of partners no service took).
     pub service: String,
     /// First public port of the service, to map ports of a range.
     sockets: Mutex<Option<Vec<TcpListener>>>,
     next: AtomicUsize,
     /// Cancelled when the listener closes, to wake its accept loop.
     pub closed: CancellationToken,
-    /// Partner admission rules, from the most recent registration.
-    policy: Mutex<Arc<ListenerPolicy>>,
+    /// The services on this address.
+    routes: Mutex<Arc<Vec<Route>>>,
+    /// Whether its accept loop runs.
+    accepting: std::sync::atomic::AtomicBool,
 }
 
 impl PublicListener {
@@ -162,16 +180,46 @@ impl PublicListener {
         Poll::Pending
     }
 
-    /// The partner admission rules in force now.
-    pub fn policy(&self) -> Arc<ListenerPolicy> {
-        lock(&self.policy).clone()
+    /// The services on this address and their rules, as they are now.
+    pub fn routes(&self) -> Arc<Vec<Route>> {
+        lock(&self.routes).clone()
+    }
+
+    /// Sets the rules of `service`, adding its route if it has none.
+    fn set_route(&self, service: &str, policy: ListenerPolicy) {
+        let mut routes = lock(&self.routes);
+        let mut new: Vec<Route> = routes
+            .iter()
+            .filter(|r| r.service != service)
+            .cloned()
+            .collect();
+        new.push(Route {
+            service: service.to_owned(),
+            policy: Arc::new(policy),
+        });
+        *routes = Arc::new(new);
+    }
+
+    /// Takes `service`'s route away; closes the sockets when it was the last one.
+    fn remove_route(&self, service: &str) {
+        let mut routes = lock(&self.routes);
+        let new: Vec<Route> = routes
+            .iter()
+            .filter(|r| r.service != service)
+            .cloned()
+            .collect();
+        let last = new.is_empty();
+        *routes = Arc::new(new);
+        drop(routes);
+        if last {
+            self.close();
+        }
     }
 
     fn close(&self) {
         // Dropping the sockets closes them now; the accept loop notices through `closed`.
         lock(&self.sockets).take();
         self.closed.cancel();
-        metrics::gauge!(m::LISTENER_OPEN, "service" => self.service.clone()).set(0.0);
     }
 }
 
@@ -240,7 +288,9 @@ fn attach(inner: &mut Inner, name: &str, carrier: &Arc<Carrier>) -> Option<Arc<P
     }
     s.accepting = true;
     metrics::gauge!(m::LISTENER_OPEN, "service" => name.to_owned()).set(1.0);
-    Some(s.listener.clone())
+    // Services sharing an address by SNI share one accept loop.
+    let started = s.listener.accepting.swap(true, Ordering::Relaxed);
+    (!started).then(|| s.listener.clone())
 }
 
 /// Orders the tunnels of one agent process for a new session: the least busy first, then one
@@ -258,9 +308,47 @@ fn close_if_unused(inner: &mut Inner, name: &str) {
         .get(name)
         .is_some_and(|s| s.carriers.is_empty() && s.pending == 0);
     if unused && let Some(s) = inner.services.remove(name) {
-        s.listener.close();
+        s.listener.remove_route(name);
+        metrics::gauge!(m::LISTENER_OPEN, "service" => name.to_owned()).set(0.0);
         tracing::info!(service = name, listen = %s.spec, "last agent gone: public listener closed");
     }
+}
+
+/// For an SNI service `name` on `spec`: the listener the other SNI services on that address
+/// share, if any, after checking that none of them claims one of its names and that they
+/// agree on `accept_proxy` (the PROXY header is read before the ClientHello).
+fn check_names(
+    inner: &Inner,
+    name: &str,
+    bind_ip: IpAddr,
+    spec: &ListenSpec,
+    policy: &ListenerPolicy,
+) -> Result<Option<Arc<PublicListener>>, Declined> {
+    let mut shared = None;
+    for (other_name, other) in &inner.services {
+        if other_name == name || other.bind_ip != bind_ip || other.spec != *spec {
+            continue;
+        }
+        let routes = other.listener.routes();
+        let Some(route) = routes.iter().find(|r| &r.service == other_name) else {
+            continue;
+        };
+        if route.policy.sni.is_empty() {
+            continue;
+        }
+        if let Some(p) = first_bytes::overlap(&policy.sni, &route.policy.sni) {
+            return Err(Declined::Conflict(format!(
+                "sni: {p} is already routed to service {other_name:?} on {spec}"
+            )));
+        }
+        if route.policy.accept_proxy != policy.accept_proxy {
+            return Err(Declined::Conflict(format!(
+                "accept_proxy differs from service {other_name:?}, which shares {spec} by SNI"
+            )));
+        }
+        shared = Some(other.listener.clone());
+    }
+    Ok(shared)
 }
 
 impl Registry {
@@ -388,6 +476,19 @@ impl Registry {
                     .map_err(|_| Declined::Invalid(format!("allow: invalid network {a:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let sni = decl
+            .sni
+            .iter()
+            .map(|n| {
+                n.parse::<NamePattern>()
+                    .map_err(|e| Declined::Invalid(format!("sni: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !sni.is_empty() && (decl.expect != Expect::Tls || spec.ports.len() > 1) {
+            return Err(Declined::Invalid(
+                "sni: SNI routing needs expect = \"tls\" and a single port".into(),
+            ));
+        }
         // Opening a service and joining one both need the declaring identity's own right:
         // another identity serving it already gives none.
         self.rights
@@ -395,6 +496,18 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .of(agent)
             .may_listen(&spec)?;
+        let policy = ListenerPolicy {
+            allow,
+            accept_proxy: decl.accept_proxy,
+            expect: decl.expect,
+            sni,
+        };
+        if !policy.sni.is_empty()
+            && let Some(existing) = inner.services.get(&decl.name)
+            && existing.spec == spec
+        {
+            check_names(inner, &decl.name, existing.bind_ip, &spec, &policy)?;
+        }
         if let Some(existing) = inner.services.get_mut(&decl.name) {
             if existing.spec != spec {
                 let agents: Vec<&str> =
@@ -404,10 +517,6 @@ impl Registry {
                     decl.name, existing.spec, agents
                 )));
             }
-            let policy = ListenerPolicy {
-                allow,
-                accept_proxy: decl.accept_proxy,
-            };
             // The same agent may change its partner policy (a reload); another agent must
             // agree with it, or it could open a service to partners its owner refused.
             let others: Vec<&str> = existing
@@ -416,17 +525,40 @@ impl Registry {
                 .map(|c| c.agent.as_str())
                 .filter(|a| *a != agent)
                 .collect();
-            if !others.is_empty() && *existing.listener.policy() != policy {
+            let current = existing.listener.routes();
+            let same = current
+                .iter()
+                .any(|r| r.service == decl.name && *r.policy == policy);
+            if !others.is_empty() && !same {
                 return Err(Declined::Conflict(format!(
-                    "service {:?}: allow/accept_proxy differ from what agents {others:?} declared",
+                    "service {:?}: allow/accept_proxy/expect/sni differ from what agents {others:?} declared",
                     decl.name
                 )));
             }
             existing.pending += 1;
-            *lock(&existing.listener.policy) = Arc::new(policy);
+            existing.listener.set_route(&decl.name, policy);
             return Ok(());
         }
         let bind_ip = self.public_bind.unwrap_or(spec.ip);
+        // An SNI service joins the listener of the others routed by SNI on its address.
+        if !policy.sni.is_empty()
+            && let Some(shared) = check_names(inner, &decl.name, bind_ip, &spec, &policy)?
+        {
+            shared.set_route(&decl.name, policy);
+            tracing::info!(service = %decl.name, listen = %spec, agent, "service added to a listener shared by SNI");
+            inner.services.insert(
+                decl.name.clone(),
+                Service {
+                    spec,
+                    bind_ip,
+                    carriers: Vec::new(),
+                    pending: 1,
+                    listener: shared,
+                    accepting: false,
+                },
+            );
+            return Ok(());
+        }
         for (name, other) in &inner.services {
             let same_ip = other.bind_ip == bind_ip
                 || other.bind_ip.is_unspecified()
@@ -445,15 +577,21 @@ impl Registry {
             })
             .collect::<Result<Vec<_>, _>>()?;
         tracing::info!(service = %decl.name, listen = %spec, bind = %bind_ip, agent, "public listener bound");
+        let label = if policy.sni.is_empty() {
+            decl.name.clone()
+        } else {
+            spec.to_string()
+        };
         let listener = Arc::new(PublicListener {
-            service: decl.name.clone(),
+            service: label,
             sockets: Mutex::new(Some(sockets)),
             next: AtomicUsize::new(0),
             closed: CancellationToken::new(),
-            policy: Mutex::new(Arc::new(ListenerPolicy {
-                allow,
-                accept_proxy: decl.accept_proxy,
-            })),
+            routes: Mutex::new(Arc::new(vec![Route {
+                service: decl.name.clone(),
+                policy: Arc::new(policy),
+            }])),
+            accepting: false.into(),
         });
         inner.services.insert(
             decl.name.clone(),
@@ -619,6 +757,7 @@ impl Registry {
         inner.closed = true;
         for (name, s) in inner.services.drain() {
             s.listener.close();
+            metrics::gauge!(m::LISTENER_OPEN, "service" => name.clone()).set(0.0);
             tracing::info!(service = %name, "shutting down: public listener closed");
         }
     }
@@ -675,6 +814,7 @@ mod tests {
                     listen: format!("127.0.0.1:{port}"),
                     allow: Vec::new(),
                     accept_proxy: false,
+                    ..Default::default()
                 }],
             };
             let (answer, reservation) = registry.reserve(instance, &registration);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_tunnel::config::{self as cfg, ConfigError, ListenSpec, TargetSpec};
+use relay_tunnel::first_bytes::{Expect, NamePattern};
 use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, ServiceDecl};
 use relay_tunnel::tls;
 use rustls::pki_types::ServerName;
@@ -103,6 +104,9 @@ struct RawInbound {
     #[serde(default)]
     accept_proxy: bool,
     proxy_protocol: Option<String>,
+    expect: Option<String>,
+    #[serde(default)]
+    sni: Vec<String>,
 }
 
 /// A DMZ node to dial.
@@ -129,6 +133,10 @@ pub struct InboundService {
     pub accept_proxy: bool,
     /// PROXY protocol header (with the partner address) to send to the target first.
     pub proxy_protocol: Option<relay_tunnel::proxyproto::Version>,
+    /// The protocol partners must speak first (checked by the DMZ).
+    pub expect: Expect,
+    /// TLS server names routed to this service on a shared listen address.
+    pub sni: Vec<NamePattern>,
 }
 
 impl InboundService {
@@ -139,6 +147,8 @@ impl InboundService {
             listen: self.listen.to_string(),
             allow: self.allow.clone(),
             accept_proxy: self.accept_proxy,
+            expect: self.expect,
+            sni: self.sni.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -230,6 +240,106 @@ const DMZ_CONFIG: cfg::OtherConfig = cfg::OtherConfig {
     binary: "relay-dmz",
     keys: &["tunnel", "policy", "public"],
 };
+
+/// Ports whose server speaks first (FTP, SMTP, POP3, IMAP, OFTP): a partner there sends
+/// nothing until the server has, so a gate would cut every partner after the timeout.
+const SERVER_FIRST_PORTS: [(u16, &str); 6] = [
+    (21, "FTP"),
+    (25, "SMTP"),
+    (110, "POP3"),
+    (143, "IMAP"),
+    (587, "SMTP submission"),
+    (3305, "OFTP"),
+];
+
+/// Checks `expect` and `sni` of `inbound[i]` (keys from `key`); returns them parsed.
+fn gate(
+    err: &mut ConfigError,
+    key: &dyn Fn(&str) -> String,
+    s: &RawInbound,
+    listen: Option<&ListenSpec>,
+    target: Option<&TargetSpec>,
+) -> (Expect, Vec<NamePattern>) {
+    let mut expect = match &s.expect {
+        Some(e) => err
+            .check(key("expect"), e.parse::<Expect>())
+            .unwrap_or_default(),
+        None => Expect::Any,
+    };
+    let mut sni = Vec::new();
+    for (j, name) in s.sni.iter().enumerate() {
+        if let Some(p) = err.check(
+            format_args!("{}[{j}]", key("sni")),
+            name.parse::<NamePattern>(),
+        ) {
+            if sni.contains(&p) {
+                err.push(
+                    format_args!("{}[{j}]", key("sni")),
+                    format_args!("{p} is listed twice"),
+                );
+            }
+            sni.push(p);
+        }
+    }
+    if !sni.is_empty() {
+        match expect {
+            Expect::Any => expect = Expect::Tls,
+            Expect::Tls => {}
+            other => err.push(
+                key("sni"),
+                format_args!("SNI routing reads the TLS ClientHello: it needs expect = \"tls\", not \"{other}\""),
+            ),
+        }
+    }
+    if expect.is_any() {
+        return (expect, sni);
+    }
+    let what = if sni.is_empty() { "expect" } else { "sni" };
+    if listen.is_some_and(|l| l.ports.len() > 1) {
+        err.push(
+            key(what),
+            "a port range (FTP passive data ports) carries data in either direction first: it cannot be gated or routed",
+        );
+    }
+    let ports = listen
+        .map(|l| l.ports.first)
+        .into_iter()
+        .chain(target.map(|t| t.ports.first));
+    for port in ports {
+        if let Some((_, proto)) = SERVER_FIRST_PORTS.iter().find(|(p, _)| *p == port) {
+            err.push(
+                key(what),
+                format_args!("port {port} is {proto}, whose server speaks first: a partner sends nothing until it has, so a gate would cut every partner (leave expect unset)"),
+            );
+            break;
+        }
+    }
+    (expect, sni)
+}
+
+/// Services on one listen address must all be routed by SNI, with no name claimed twice.
+fn shared_addresses(err: &mut ConfigError, inbound: &[InboundService]) {
+    for (i, a) in inbound.iter().enumerate() {
+        for b in &inbound[..i] {
+            if a.listen != b.listen {
+                continue;
+            }
+            if a.sni.is_empty() || b.sni.is_empty() {
+                err.push(
+                    format_args!("inbound[{i}].listen"),
+                    format_args!("{} is also the address of service {:?}: services share an address only when each has an sni list", a.listen, b.name),
+                );
+                break;
+            } else if let Some(p) = relay_tunnel::first_bytes::overlap(&a.sni, &b.sni) {
+                err.push(
+                    format_args!("inbound[{i}].sni"),
+                    format_args!("{p} is also routed to service {:?} on {}", b.name, a.listen),
+                );
+                break;
+            }
+        }
+    }
+}
 
 fn duration(err: &mut ConfigError, key: &str, raw: &Option<String>, default: Duration) -> Duration {
     match raw {
@@ -404,6 +514,7 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
                 None
             }
         };
+        let (expect, sni) = gate(&mut err, &key, s, listen.as_ref(), target.as_ref());
         if let (Some(listen), Some(target)) = (listen, target) {
             inbound.push(InboundService {
                 name: s.name.clone(),
@@ -412,9 +523,12 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
                 allow: s.allow.clone(),
                 accept_proxy: s.accept_proxy,
                 proxy_protocol,
+                expect,
+                sni,
             });
         }
     }
+    shared_addresses(&mut err, &inbound);
     let mut outbound = Vec::new();
     for (i, o) in raw.outbound.iter().enumerate() {
         let key = |field: &str| format!("outbound[{i}].{field}");

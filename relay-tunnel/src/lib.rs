@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod first_bytes;
 pub mod h2conf;
 pub mod keepalive;
 pub mod metrics;

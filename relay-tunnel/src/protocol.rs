@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::first_bytes::Expect;
+
 /// ALPN of an inbound carrier, version 1: the agent dials, then the DMZ is the HTTP/2 client.
 pub const ALPN_INBOUND_V1: &[u8] = b"relay-inbound/1";
 
@@ -44,7 +46,7 @@ pub fn reason(headers: &http::HeaderMap) -> String {
 }
 
 /// One `[[inbound]]` service as the agent declares it to the DMZ.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceDecl {
     /// Service name: a letter, then `[A-Za-z0-9._-]`, 64 characters at most.
@@ -57,6 +59,13 @@ pub struct ServiceDecl {
     /// Whether the DMZ expects a PROXY protocol header from a trusted proxy on this port.
     #[serde(default)]
     pub accept_proxy: bool,
+    /// The protocol partners must speak first, checked by the DMZ before any stream opens.
+    #[serde(default, skip_serializing_if = "Expect::is_any")]
+    pub expect: Expect,
+    /// TLS server names routed to this service on a listen address several services share
+    /// (exact, `*.` one-label wildcards, `*` for the default); empty: the address is its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<String>,
 }
 
 /// The first message of an inbound carrier, agent to DMZ.
@@ -418,6 +427,7 @@ mod tests {
                 listen: "0.0.0.0:8443".into(),
                 allow: vec!["198.51.100.0/24".into()],
                 accept_proxy: true,
+                ..Default::default()
             }],
         };
         let framed = encode(&reg);

@@ -67,7 +67,7 @@ proptest! {
     fn registrations_round_trip(name in "[a-z][a-z0-9._-]{0,20}", port in 1u16.., allow in proptest::collection::vec("[0-9]{1,3}\\\\.[0-9]{1,3}\\\\.0\\\\.0/16", 0..4), accept_proxy in any::<bool>()) {
         let reg = Registration {
             instance: "x".into(),
-            services: vec![ServiceDecl { name, listen: format!("0.0.0.0:{port}"), allow, accept_proxy }],
+            services: vec![ServiceDecl { name, listen: format!("0.0.0.0:{port}"), allow, accept_proxy, ..Default::default() }],
         };
         let framed = protocol::encode(&reg);
         prop_assert_eq!(protocol::decode::<Registration>(&framed[4..]).unwrap(), reg);

@@ -90,6 +90,7 @@ async fn try_register(config: ClientConfig, tunnel: SocketAddr, port: u16) -> Ou
             listen: format!("127.0.0.1:{port}"),
             allow: vec![],
             accept_proxy: false,
+            ..Default::default()
         }],
     };
     // The DMZ may already have closed: a failed write is a refusal too.

@@ -7,6 +7,8 @@
 
 #[path = "protocols/ftp.rs"]
 mod ftp;
+#[path = "protocols/gates.rs"]
+mod gates;
 #[path = "protocols/https.rs"]
 mod https;
 #[path = "protocols/ranges.rs"]

@@ -78,6 +78,7 @@ impl Scene {
                 listen: format!("127.0.0.1:{port}"),
                 allow: vec![],
                 accept_proxy: false,
+                ..Default::default()
             }],
         };
         protocol::write_message(&mut tls, &registration)

@@ -191,6 +191,7 @@ async fn legit_agent_connects(
             listen: format!("127.0.0.1:{}", free_port()),
             allow: vec![],
             accept_proxy: false,
+            ..Default::default()
         }],
     };
     protocol::write_message(&mut tls, &registration)

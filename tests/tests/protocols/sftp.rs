@@ -28,7 +28,7 @@ fn keygen(ssh_keygen: &Path, path: &Path) {
 
 /// Starts sshd on 127.0.0.1:`port` with an SFTP subsystem and public-key login from
 /// `client_key.pub` for the current user.
-async fn start_sshd(dir: &Path, port: u16) -> Server {
+pub(super) async fn start_sshd(dir: &Path, port: u16) -> Server {
     let sshd = require("sshd", "openssh-server");
     let ssh_keygen = require("ssh-keygen", "openssh-client");
     keygen(&ssh_keygen, &dir.join("host_key"));
