@@ -147,7 +147,8 @@ async fn cut(public: SocketAddr, bytes: &[u8], limit: Duration) -> bool {
 /// reaches each by name with its certificate verified (no `-k`), 20 MiB each way, hashed. An
 /// unknown name is cut before any stream reaches an agent; once a default service (`sni =
 /// ["*"]`, from another agent) joins the address, unknown names reach it. A ClientHello sent one
-/// byte at a time is routed and passed on unchanged; an oversized one is cut.
+/// byte at a time, or split over two TLS records, is routed and passed on unchanged; an
+/// oversized one is cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_routes_two_tls_services_on_one_port() {
     let curl = require("curl", "curl");
@@ -286,6 +287,27 @@ async fn sni_routes_two_tls_services_on_one_port() {
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut reply))
         .await
         .expect("nginx answered the ClientHello in time")
+        .expect("read nginx's answer");
+    assert_eq!(
+        reply[0], 0x16,
+        "nginx answered with a TLS handshake record: {reply:?}"
+    );
+    drop(s);
+
+    // Split over two TLS records: routed, and nginx (OpenSSL) takes it as it is.
+    let body = &hello[5..];
+    let (first, second) = body.split_at(body.len() / 2);
+    let mut split = Vec::new();
+    for part in [first, second] {
+        split.extend_from_slice(&[0x16, 0x03, 0x01]);
+        split.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        split.extend_from_slice(part);
+    }
+    let mut s = TcpStream::connect(public).await.expect("connect");
+    s.write_all(&split).await.expect("write split ClientHello");
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut reply))
+        .await
+        .expect("nginx answered the split ClientHello in time")
         .expect("read nginx's answer");
     assert_eq!(
         reply[0], 0x16,
