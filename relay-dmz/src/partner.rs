@@ -302,19 +302,27 @@ async fn first_bytes(
                 }
                 Sniffed::More => {}
             }
-            stream.readable().await.map_err(|e| e.to_string())?;
-            match stream.try_read_buf(&mut buf) {
-                Ok(0) => return Err("closed before its first bytes could be checked".to_owned()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.to_string()),
-            }
+            read_more(stream, &mut buf, "its first bytes could be checked").await?;
         }
     };
     let timeout = node.limits.first_bytes_timeout;
     tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| format!("sent too little within {timeout:?} (limits.first_bytes_timeout)"))?
+}
+
+/// Reads what `stream` has into `buf`, waiting until it has something; an error naming what
+/// was still missing (`before`) when the partner closed.
+async fn read_more(stream: &TcpStream, buf: &mut BytesMut, before: &str) -> Result<(), String> {
+    loop {
+        stream.readable().await.map_err(|e| e.to_string())?;
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Err(format!("connection closed before {before}")),
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Reads the PROXY header a trusted proxy sends first; returns the partner address and any
@@ -342,13 +350,7 @@ async fn proxy_header(
                 }
                 proxyproto::Parsed::Incomplete => {}
             }
-            stream.readable().await.map_err(|e| e.to_string())?;
-            match stream.try_read_buf(&mut buf) {
-                Ok(0) => return Err("connection closed before the PROXY header ended".to_owned()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.to_string()),
-            }
+            read_more(stream, &mut buf, "the PROXY header ended").await?;
         }
     };
     let timeout = node.limits.proxy_header_timeout;

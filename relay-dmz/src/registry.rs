@@ -541,58 +541,19 @@ impl Registry {
         }
         let bind_ip = self.public_bind.unwrap_or(spec.ip);
         // An SNI service joins the listener of the others routed by SNI on its address.
-        if !policy.sni.is_empty()
-            && let Some(shared) = check_names(inner, &decl.name, bind_ip, &spec, &policy)?
-        {
-            shared.set_route(&decl.name, policy);
-            tracing::info!(service = %decl.name, listen = %spec, agent, "service added to a listener shared by SNI");
-            inner.services.insert(
-                decl.name.clone(),
-                Service {
-                    spec,
-                    bind_ip,
-                    carriers: Vec::new(),
-                    pending: 1,
-                    listener: shared,
-                    accepting: false,
-                },
-            );
-            return Ok(());
-        }
-        for (name, other) in &inner.services {
-            let same_ip = other.bind_ip == bind_ip
-                || other.bind_ip.is_unspecified()
-                || bind_ip.is_unspecified();
-            if same_ip && other.spec.ports.overlaps(&spec.ports) {
-                return Err(Declined::Conflict(format!(
-                    "ports {} overlap service {name:?} on {}",
-                    spec.ports, other.spec
-                )));
-            }
-        }
-        let sockets = spec
-            .addrs(Some(bind_ip))
-            .map(|addr| {
-                bind_reuse(addr).map_err(|e| Declined::Bind(format!("cannot bind {addr}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        tracing::info!(service = %decl.name, listen = %spec, bind = %bind_ip, agent, "public listener bound");
-        let label = if policy.sni.is_empty() {
-            decl.name.clone()
+        let shared = if policy.sni.is_empty() {
+            None
         } else {
-            spec.to_string()
+            check_names(inner, &decl.name, bind_ip, &spec, &policy)?
         };
-        let listener = Arc::new(PublicListener {
-            service: label,
-            sockets: Mutex::new(Some(sockets)),
-            next: AtomicUsize::new(0),
-            closed: CancellationToken::new(),
-            routes: Mutex::new(Arc::new(vec![Route {
-                service: decl.name.clone(),
-                policy: Arc::new(policy),
-            }])),
-            accepting: false.into(),
-        });
+        let listener = match shared {
+            Some(shared) => {
+                shared.set_route(&decl.name, policy);
+                tracing::info!(service = %decl.name, listen = %spec, agent, "service added to a listener shared by SNI");
+                shared
+            }
+            None => self.bind(inner, &decl.name, agent, bind_ip, &spec, policy)?,
+        };
         inner.services.insert(
             decl.name.clone(),
             Service {
@@ -605,6 +566,54 @@ impl Registry {
             },
         );
         Ok(())
+    }
+
+    /// Binds the public sockets of a new listener for service `name` on `spec`, after
+    /// checking that its ports overlap no other service's.
+    fn bind(
+        &self,
+        inner: &Inner,
+        name: &str,
+        agent: &str,
+        bind_ip: IpAddr,
+        spec: &ListenSpec,
+        policy: ListenerPolicy,
+    ) -> Result<Arc<PublicListener>, Declined> {
+        for (other_name, other) in &inner.services {
+            let same_ip = other.bind_ip == bind_ip
+                || other.bind_ip.is_unspecified()
+                || bind_ip.is_unspecified();
+            if same_ip && other.spec.ports.overlaps(&spec.ports) {
+                return Err(Declined::Conflict(format!(
+                    "ports {} overlap service {other_name:?} on {}",
+                    spec.ports, other.spec
+                )));
+            }
+        }
+        let sockets = spec
+            .addrs(Some(bind_ip))
+            .map(|addr| {
+                bind_reuse(addr).map_err(|e| Declined::Bind(format!("cannot bind {addr}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(service = %name, listen = %spec, bind = %bind_ip, agent, "public listener bound");
+        // An address shared by SNI is named by its address: no one service stands for it.
+        let label = if policy.sni.is_empty() {
+            name.to_owned()
+        } else {
+            spec.to_string()
+        };
+        Ok(Arc::new(PublicListener {
+            service: label,
+            sockets: Mutex::new(Some(sockets)),
+            next: AtomicUsize::new(0),
+            closed: CancellationToken::new(),
+            routes: Mutex::new(Arc::new(vec![Route {
+                service: name.to_owned(),
+                policy: Arc::new(policy),
+            }])),
+            accepting: false.into(),
+        }))
     }
 
     /// Adds a tunnel to the services it reserved; returns the listeners whose accept loops the
