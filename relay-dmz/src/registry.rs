@@ -535,6 +535,16 @@ impl Registry {
                     decl.name
                 )));
             }
+            // A service on an address it shares by SNI cannot drop its names (a reload of its
+            // agent): the address would have a service no name leads to.
+            if policy.sni.is_empty()
+                && let Some(other) = current.iter().find(|r| r.service != decl.name)
+            {
+                return Err(Declined::Conflict(format!(
+                    "service {:?} shares {spec} with service {:?} by SNI: it needs an sni list",
+                    decl.name, other.service
+                )));
+            }
             existing.pending += 1;
             existing.listener.set_route(&decl.name, policy);
             return Ok(());
