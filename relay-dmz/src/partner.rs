@@ -314,6 +314,19 @@ async fn first_bytes(
 /// Reads what `stream` has into `buf`, waiting until it has something; an error naming what
 /// was still missing (`before`) when the partner closed.
 async fn read_more(stream: &TcpStream, buf: &mut BytesMut, before: &str) -> Result<(), String> {
+    // A partner sends its first bytes right after connecting: read what is already there
+    // without waiting for the event loop to report the new socket readable (one turn of it,
+    // measured as a quarter of a millisecond per gated session).
+    let mut now = [0u8; 2048];
+    match std::io::Read::read(&mut &*socket2::SockRef::from(stream), &mut now) {
+        Ok(0) => return Err(format!("connection closed before {before}")),
+        Ok(n) => {
+            buf.extend_from_slice(&now[..n]);
+            return Ok(());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e.to_string()),
+    }
     loop {
         stream.readable().await.map_err(|e| e.to_string())?;
         match stream.try_read_buf(buf) {
