@@ -188,6 +188,9 @@ struct Service {
 struct Inner {
     services: HashMap<String, Service>,
     carrier_services: HashMap<u64, Vec<String>>,
+    /// Services whose listener closed because their agents withdrew them (no healthy
+    /// target), until one declares them again.
+    withdrawn: std::collections::BTreeSet<String>,
     rr: usize,
     closed: bool,
 }
@@ -252,15 +255,18 @@ fn placement_key(carrier: &Carrier, here: &tokio::runtime::Handle) -> (usize, bo
     )
 }
 
-fn close_if_unused(inner: &mut Inner, name: &str) {
+/// Closes the listener of `name` if no tunnel serves or reserves it; returns whether it did.
+fn close_if_unused(inner: &mut Inner, name: &str) -> bool {
     let unused = inner
         .services
         .get(name)
         .is_some_and(|s| s.carriers.is_empty() && s.pending == 0);
     if unused && let Some(s) = inner.services.remove(name) {
         s.listener.close();
-        tracing::info!(service = name, listen = %s.spec, "last agent gone: public listener closed");
+        tracing::info!(service = name, listen = %s.spec, "no agent serves it any more: public listener closed");
+        return true;
     }
+    false
 }
 
 impl Registry {
@@ -318,6 +324,17 @@ impl Registry {
             close_if_unused(&mut inner, &name);
         }
         lost
+    }
+
+    /// Services closed because their agents withdrew them (no healthy target), not open again.
+    pub fn withdrawn(&self) -> Vec<String> {
+        let inner = lock(&self.inner);
+        inner
+            .withdrawn
+            .iter()
+            .filter(|name| !inner.services.contains_key(*name))
+            .cloned()
+            .collect()
     }
 
     /// Whether at least one public listener accepts partners now.
@@ -518,7 +535,10 @@ impl Registry {
             if let Some(s) = inner.services.get_mut(name) {
                 s.carriers.retain(|c| c.id != carrier.id);
             }
-            close_if_unused(&mut inner, name);
+            let withdrawn = !decls.iter().any(|d| &d.name == name);
+            if close_if_unused(&mut inner, name) && withdrawn {
+                inner.withdrawn.insert(name.clone());
+            }
         }
         let mut verdicts = Vec::new();
         let mut names = Vec::new();
@@ -543,6 +563,7 @@ impl Registry {
                     .map(|()| start.extend(attach(&mut inner, &decl.name, carrier)))
             };
             if result.is_ok() {
+                inner.withdrawn.remove(&decl.name);
                 names.push(decl.name.clone());
             }
             verdicts.push(verdict(&decl.name, result));
