@@ -10,6 +10,8 @@
 mod config;
 #[path = "clusters/health.rs"]
 mod health;
+#[path = "clusters/lb.rs"]
+mod lb;
 #[path = "clusters/outbound.rs"]
 mod outbound;
 #[path = "clusters/withdrawal.rs"]
@@ -310,6 +312,8 @@ async fn first_stays_on_the_first_target_until_it_dies_and_returns_when_it_is_ba
     assert_eq!(tags[1], 20, "all on the first");
 
     drop(a);
+    // The accept task ends at its next poll: until then the kernel still queues connections.
+    wait_closed(a_at, LIMIT).await;
     let (tags, failures) = sessions(local(public), 20).await;
     println!(
         "first, first target dead: {} on the second, {} failed",
