@@ -26,7 +26,7 @@ pub async fn serve(
     mut respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
-    let (service, port_offset, meta) = match parse(&agent, &request) {
+    let (service, state, port_offset, meta) = match parse(&agent, &request) {
         Ok(parsed) => parsed,
         Err((refusal, reason)) => {
             metrics::counter!(m::REJECTIONS, "reason" => refusal.label()).increment(1);
@@ -41,7 +41,7 @@ pub async fn serve(
     let span = tracing::info_span!("session", id = %meta.session, service = %service.name, direction = m::INBOUND, partner = %meta.partner, %dmz);
     async move {
         let result =
-            pump::catch_panic(run(&agent, &service, port_offset, &meta, request, respond, started))
+            pump::catch_panic(run(&agent, &service, &state, port_offset, &meta, request, respond, started))
                 .await;
         let duration = started.elapsed();
         if let Some(Ok(_)) = result {
@@ -71,7 +71,7 @@ pub async fn serve(
     .await;
 }
 
-type Parsed = (Arc<InboundService>, u16, SessionMeta);
+type Parsed = (Arc<InboundService>, Arc<ServiceState>, u16, SessionMeta);
 
 fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusal, String)> {
     if request.method() != Method::CONNECT {
@@ -90,11 +90,13 @@ fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusa
             format!("{authority} does not name a service"),
         )
     })?;
-    let service = agent
-        .settings()
+    // Both from one snapshot: a reload may replace the settings meanwhile.
+    let settings = agent.settings();
+    let (service, state) = settings
         .services
         .get(name)
         .cloned()
+        .zip(settings.health.get(name).cloned())
         .ok_or_else(|| (Refusal::UnknownService, format!("no service {name:?} here")))?;
     if !service.listen.ports.contains(port) {
         return Err((
@@ -107,7 +109,7 @@ fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusa
         "missing or malformed session metadata".to_owned(),
     ))?;
     let offset = port - service.listen.ports.first;
-    Ok((service, offset, meta))
+    Ok((service, state, offset, meta))
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, refusal: Refusal, reason: &str) {
@@ -195,9 +197,11 @@ async fn connect(
     Err(last)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     agent: &Agent,
     service: &InboundService,
+    state: &ServiceState,
     port_offset: u16,
     meta: &SessionMeta,
     request: Request<RecvStream>,
@@ -212,13 +216,7 @@ async fn run(
         );
         return Err(Refusal::Unavailable);
     };
-    let state = agent
-        .settings()
-        .health
-        .get(&service.name)
-        .cloned()
-        .expect("every configured service has a target state");
-    let (target, chosen) = match connect(agent, service, &state, port_offset, meta).await {
+    let (target, chosen) = match connect(agent, service, state, port_offset, meta).await {
         Ok(connected) => connected,
         Err((refusal, reason)) => {
             refuse(&mut respond, refusal, &reason);
