@@ -144,7 +144,15 @@ impl Node {
         if self.registry.tunnels() == 0 {
             Err("no agent connected".into())
         } else if !self.registry.any_open() {
-            Err("agents connected, but no public listener is open: every service they declared was rejected (see the log)".into())
+            let withdrawn = self.registry.withdrawn();
+            if withdrawn.is_empty() {
+                Err("agents connected, but no public listener is open: every service they declared was rejected (see the log)".into())
+            } else {
+                Err(format!(
+                    "agents connected, but no public listener is open: withdrawn by their agents for want of a healthy target: {}",
+                    withdrawn.join(", ")
+                ))
+            }
         } else {
             Ok(())
         }

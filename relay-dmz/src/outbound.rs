@@ -14,7 +14,8 @@ use http::{Method, Request, Response};
 use relay_tunnel::config::ConnectRule;
 use relay_tunnel::metrics as m;
 use relay_tunnel::protocol::{
-    self, HEADER_CONNECT_TIMEOUT, HEADER_REASON, HEADER_SERVICE, HEADER_SESSION, Refusal,
+    self, HEADER_BACKUP, HEADER_CONNECT_TIMEOUT, HEADER_DIALED, HEADER_REASON, HEADER_SERVICE,
+    HEADER_SESSION, MAX_BACKUPS, Refusal,
 };
 use relay_tunnel::pump::{self, PumpCounters};
 use relay_tunnel::{h2conf, keepalive};
@@ -116,10 +117,14 @@ async fn answer(
         }
     };
     match dialed {
-        Ok(partner) => {
+        Ok((partner, dialed)) => {
             metrics::histogram!(m::SESSION_SETUP, "direction" => m::OUTBOUND)
                 .record(started.elapsed().as_secs_f64());
-            match respond.send_response(Response::new(()), false) {
+            let mut response = Response::new(());
+            if let Ok(v) = http::HeaderValue::try_from(dialed) {
+                response.headers_mut().insert(HEADER_DIALED, v);
+            }
+            match respond.send_response(response, false) {
                 Ok(send) => relay(node, service, partner, send, request.into_body()).await,
                 Err(_) => "reset",
             }
@@ -147,19 +152,38 @@ async fn answer(
 
 type Refused = (Refusal, String);
 
+/// Dials the destination of `request`, then its backups in order, each checked against the
+/// policy on its own (a denied one is never dialed); returns the stream and the destination
+/// reached. All of them share one connect timeout.
 async fn dial(
     node: &Node,
     agent: &str,
     request: &Request<RecvStream>,
     authority: &str,
-) -> Result<TcpStream, Refused> {
+) -> Result<(TcpStream, String), Refused> {
     if request.method() != Method::CONNECT {
         return Err((Refusal::BadRequest, "only CONNECT".into()));
     }
-    let (host, port) = protocol::parse_destination(authority).ok_or((
-        Refusal::BadRequest,
-        format!("invalid destination {authority:?}"),
-    ))?;
+    let mut destinations = vec![authority.to_owned()];
+    if let Some(backups) = request.headers().get(HEADER_BACKUP) {
+        let backups = backups
+            .to_str()
+            .map_err(|_| (Refusal::BadRequest, format!("{HEADER_BACKUP} is not text")))?;
+        destinations.extend(backups.split(',').map(|b| b.trim().to_owned()));
+        if destinations.len() > 1 + MAX_BACKUPS {
+            return Err((
+                Refusal::BadRequest,
+                format!("more than {MAX_BACKUPS} backup destinations"),
+            ));
+        }
+    }
+    let parsed = destinations
+        .iter()
+        .map(|d| {
+            protocol::parse_destination(d)
+                .ok_or((Refusal::BadRequest, format!("invalid destination {d:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if node.draining.is_cancelled() {
         return Err((Refusal::Unavailable, "DMZ node draining".into()));
     }
@@ -177,20 +201,64 @@ async fn dial(
     // session).
     let policy = node.policy();
     let rights = policy.rights.of(agent);
-    let addrs = allowed_addrs(
-        rights.connect_allow(),
-        &rights.rules_key("connect_allow"),
-        &host,
-        port,
-        timeout,
-    )
-    .await?;
-    let mut last = (
+    let mut failures: Vec<Refused> = Vec::new();
+    for (i, (host, port)) in parsed.iter().enumerate() {
+        // A dead primary must leave its backups time: each destination gets an equal share
+        // of what is left.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let share = left / (parsed.len() - i) as u32;
+        let addrs = match allowed_addrs(
+            rights.connect_allow(),
+            &rights.rules_key("connect_allow"),
+            host,
+            *port,
+            share,
+        )
+        .await
+        {
+            Ok(addrs) => addrs,
+            Err(refused) => {
+                if i > 0 && refused.0 == Refusal::PolicyDenied {
+                    metrics::counter!(m::REJECTIONS, "reason" => "policy_denied").increment(1);
+                    if let Some(held_back) = node.log_limit.check("policy_denied") {
+                        tracing::info!(reason = %refused.1, held_back, "backup destination denied by policy: not dialed");
+                    }
+                }
+                failures.push(refused);
+                continue;
+            }
+        };
+        let until = Instant::now() + share;
+        match connect_any(&addrs, until).await {
+            Ok(stream) => {
+                if i > 0 {
+                    tracing::info!(primary = %destinations[0], dialed = %destinations[i], "primary destination unreachable: backup dialed");
+                }
+                return Ok((stream, protocol::destination_authority(host, *port)));
+            }
+            Err(failed) => failures.push(failed),
+        }
+    }
+    // A dial failure says more than a policy refusal of a backup; the primary's first.
+    let rank = |r: Refusal| match r {
+        Refusal::TargetRefused | Refusal::TargetTimeout => 0,
+        _ => 1,
+    };
+    failures.sort_by_key(|(r, _)| rank(*r));
+    Err(failures.into_iter().next().unwrap_or((
         Refusal::TargetTimeout,
         format!("connect to {authority} timed out"),
-    );
+    )))
+}
+
+/// Connects the first of `addrs` that answers before `until`.
+async fn connect_any(addrs: &[SocketAddr], until: Instant) -> Result<TcpStream, Refused> {
+    let mut last = (Refusal::TargetTimeout, "connect timed out".to_owned());
     for addr in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
         }

@@ -236,6 +236,9 @@ struct Service {
 struct Inner {
     services: HashMap<String, Service>,
     carrier_services: HashMap<u64, Vec<String>>,
+    /// Services whose listener closed because their agents withdrew them (no healthy
+    /// target), until one declares them again.
+    withdrawn: std::collections::BTreeSet<String>,
     rr: usize,
     closed: bool,
 }
@@ -302,7 +305,8 @@ fn placement_key(carrier: &Carrier, here: &tokio::runtime::Handle) -> (usize, bo
     )
 }
 
-fn close_if_unused(inner: &mut Inner, name: &str) {
+/// Closes the listener of `name` if no tunnel serves or reserves it; returns whether it did.
+fn close_if_unused(inner: &mut Inner, name: &str) -> bool {
     let unused = inner
         .services
         .get(name)
@@ -310,8 +314,10 @@ fn close_if_unused(inner: &mut Inner, name: &str) {
     if unused && let Some(s) = inner.services.remove(name) {
         s.listener.remove_route(name);
         metrics::gauge!(m::LISTENER_OPEN, "service" => name.to_owned()).set(0.0);
-        tracing::info!(service = name, listen = %s.spec, "last agent gone: public listener closed");
+        tracing::info!(service = name, listen = %s.spec, "no agent serves it any more: public listener closed");
+        return true;
     }
+    false
 }
 
 /// For an SNI service `name` on `spec`: the listener the other SNI services on that address
@@ -406,6 +412,17 @@ impl Registry {
             close_if_unused(&mut inner, &name);
         }
         lost
+    }
+
+    /// Services closed because their agents withdrew them (no healthy target), not open again.
+    pub fn withdrawn(&self) -> Vec<String> {
+        let inner = lock(&self.inner);
+        inner
+            .withdrawn
+            .iter()
+            .filter(|name| !inner.services.contains_key(*name))
+            .cloned()
+            .collect()
     }
 
     /// Whether at least one public listener accepts partners now.
@@ -675,7 +692,10 @@ impl Registry {
             if let Some(s) = inner.services.get_mut(name) {
                 s.carriers.retain(|c| c.id != carrier.id);
             }
-            close_if_unused(&mut inner, name);
+            let withdrawn = !decls.iter().any(|d| &d.name == name);
+            if close_if_unused(&mut inner, name) && withdrawn {
+                inner.withdrawn.insert(name.clone());
+            }
         }
         let mut verdicts = Vec::new();
         let mut names = Vec::new();
@@ -700,6 +720,7 @@ impl Registry {
                     .map(|()| start.extend(attach(&mut inner, &decl.name, carrier)))
             };
             if result.is_ok() {
+                inner.withdrawn.remove(&decl.name);
                 names.push(decl.name.clone());
             }
             verdicts.push(verdict(&decl.name, result));

@@ -30,6 +30,20 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     /// `limits.drain_timeout`.
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `inbound.health.interval`.
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+    /// `inbound.health.timeout`.
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `inbound.health.fall`.
+    pub const HEALTH_FALL: u32 = 3;
+    /// `inbound.health.rise`.
+    pub const HEALTH_RISE: u32 = 2;
+    /// `inbound.health.hold_down`: least time between a withdrawal and the next declaration.
+    pub const HEALTH_HOLD_DOWN: Duration = Duration::from_secs(10);
+    /// `inbound.health.request`.
+    pub const HEALTH_REQUEST: &str = "GET /";
+    /// `inbound.health.status`.
+    pub const HEALTH_STATUS: u16 = 200;
 }
 
 /// Most tunnel connections per DMZ node.
@@ -82,7 +96,7 @@ struct RawLimits {
 struct RawOutbound {
     name: String,
     listen: String,
-    target: String,
+    target: RawTargets,
     #[serde(default)]
     via: Vec<String>,
 }
@@ -98,7 +112,9 @@ struct RawProxy {
 struct RawInbound {
     name: String,
     listen: String,
-    target: String,
+    target: RawTargets,
+    balance: Option<String>,
+    health: Option<RawHealth>,
     #[serde(default)]
     allow: Vec<String>,
     #[serde(default)]
@@ -107,6 +123,62 @@ struct RawInbound {
     expect: Option<String>,
     #[serde(default)]
     sni: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    fall: Option<u32>,
+    rise: Option<u32>,
+    hold_down: Option<String>,
+    ca: Option<String>,
+    server_name: Option<String>,
+    request: Option<String>,
+    status: Option<u16>,
+}
+
+/// `target`: one address or a list of them.
+#[derive(Debug)]
+struct RawTargets(Vec<String>, bool);
+
+impl<'de> Deserialize<'de> for RawTargets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawTargets;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an address HOST:PORT or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawTargets, E> {
+                Ok(RawTargets(vec![v.to_owned()], false))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawTargets, A::Error> {
+                let mut all = Vec::new();
+                while let Some(one) = seq.next_element::<String>()? {
+                    all.push(one);
+                }
+                Ok(RawTargets(all, true))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl RawTargets {
+    /// The key of entry `j`: `target` for a single address, `target[j]` in a list.
+    fn key(&self, base: &str, j: usize) -> String {
+        if self.1 {
+            format!("{base}[{j}]")
+        } else {
+            base.to_owned()
+        }
+    }
 }
 
 /// A DMZ node to dial.
@@ -125,8 +197,12 @@ pub struct InboundService {
     pub name: String,
     /// Public listen address on the DMZ nodes.
     pub listen: ListenSpec,
-    /// Where sessions go; a range maps port for port.
-    pub target: TargetSpec,
+    /// Where sessions go, in the configured order; a range maps port for port.
+    pub targets: Vec<TargetSpec>,
+    /// How sessions are spread over `targets`.
+    pub balance: Balance,
+    /// Active health checks, if configured.
+    pub health: Option<HealthCheck>,
     /// Partner networks allowed, as declared to the DMZ.
     pub allow: Vec<String>,
     /// Whether the DMZ expects a PROXY header on this port.
@@ -153,6 +229,85 @@ impl InboundService {
     }
 }
 
+/// `balance`: how an inbound service's sessions are spread over its targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Always the first healthy target in the configured order.
+    First,
+    /// Each healthy target in turn.
+    RoundRobin,
+    /// The healthy target with the fewest sessions in flight.
+    LeastSessions,
+}
+
+/// `[inbound.health]`: active checks of every target of a service.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// What a check does.
+    pub kind: CheckKind,
+    /// Time between two checks of a target.
+    pub interval: Duration,
+    /// Time one check may take.
+    pub timeout: Duration,
+    /// Failures in a row (checks or session connects) that take a target out.
+    pub fall: u32,
+    /// Good checks in a row that bring a target back.
+    pub rise: u32,
+    /// Least time between a withdrawal of the service and its next declaration.
+    pub hold_down: Duration,
+}
+
+/// `inbound.health.kind`.
+#[derive(Clone)]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// A TLS handshake, verified against `ca` or not verified at all.
+    Tls {
+        /// Client config of the handshake.
+        config: Arc<rustls::ClientConfig>,
+        /// The name sent and checked; default the target's host.
+        server_name: Option<ServerName<'static>>,
+        /// Whether the certificate is verified (a `ca` is set).
+        verified: bool,
+    },
+    /// An HTTP/1.1 request line; the answer's status must be `status`.
+    Http {
+        /// Method and path, as `GET /health`.
+        request: String,
+        /// Expected status code.
+        status: u16,
+    },
+}
+
+impl std::fmt::Debug for CheckKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckKind::Tcp => f.write_str("Tcp"),
+            CheckKind::Tls {
+                server_name,
+                verified,
+                ..
+            } => write!(
+                f,
+                "Tls {{ server_name: {server_name:?}, verified: {verified} }}"
+            ),
+            CheckKind::Http { request, status } => write!(f, "Http {{ {request:?} -> {status} }}"),
+        }
+    }
+}
+
+impl CheckKind {
+    /// The metric and log name of this kind.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Tls { .. } => "tls",
+            CheckKind::Http { .. } => "http",
+        }
+    }
+}
+
 /// An `[[outbound]]` mapping: engines connect `listen`, a DMZ node dials `target`.
 #[derive(Debug, Clone)]
 pub struct OutboundService {
@@ -162,6 +317,8 @@ pub struct OutboundService {
     pub listen: SocketAddr,
     /// Destination `host:port` the DMZ dials.
     pub target: String,
+    /// Backup destinations, tried in order when `target` cannot be reached.
+    pub backups: Vec<String>,
     /// Indexes into [`AgentConfig::dmz`] of the nodes allowed to carry it; empty: all.
     pub via: Vec<usize>,
 }
@@ -258,7 +415,7 @@ fn gate(
     key: &dyn Fn(&str) -> String,
     s: &RawInbound,
     listen: Option<&ListenSpec>,
-    target: Option<&TargetSpec>,
+    targets: Option<&[TargetSpec]>,
 ) -> (Expect, Vec<NamePattern>) {
     let mut expect = match &s.expect {
         Some(e) => err
@@ -304,7 +461,7 @@ fn gate(
     let ports = listen
         .map(|l| l.ports.first)
         .into_iter()
-        .chain(target.map(|t| t.ports.first));
+        .chain(targets.unwrap_or_default().iter().map(|t| t.ports.first));
     for port in ports {
         if let Some((_, proto)) = SERVER_FIRST_PORTS.iter().find(|(p, _)| *p == port) {
             err.push(
@@ -486,21 +643,23 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
             );
         }
         let listen = err.check(key("listen"), s.listen.parse::<ListenSpec>());
-        let target = err.check(key("target"), s.target.parse::<TargetSpec>());
-        if let (Some(l), Some(t)) = (&listen, &target)
-            && l.ports.len() != t.ports.len()
-        {
-            err.push(
-                key("target"),
-                format!(
-                    "port range {} has {} ports but listen {} has {}",
-                    t.ports,
-                    t.ports.len(),
-                    l.ports,
-                    l.ports.len()
-                ),
-            );
-        }
+        let targets = inbound_targets(&mut err, &key("target"), &s.target, listen.as_ref());
+        let balance = match s.balance.as_deref() {
+            None | Some("round_robin") => Some(Balance::RoundRobin),
+            Some("first") => Some(Balance::First),
+            Some("least_sessions") => Some(Balance::LeastSessions),
+            Some(other) => {
+                err.push(
+                    key("balance"),
+                    format!("unknown balance {other:?} (expected \"first\", \"round_robin\" or \"least_sessions\")"),
+                );
+                None
+            }
+        };
+        let health = s
+            .health
+            .as_ref()
+            .and_then(|h| health_check(&mut err, &key("health"), h, base));
         cfg::parse_networks(&mut err, &key("allow"), &s.allow);
         let proxy_protocol = match s.proxy_protocol.as_deref() {
             None => None,
@@ -514,12 +673,14 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
                 None
             }
         };
-        let (expect, sni) = gate(&mut err, &key, s, listen.as_ref(), target.as_ref());
-        if let (Some(listen), Some(target)) = (listen, target) {
+        let (expect, sni) = gate(&mut err, &key, s, listen.as_ref(), targets.as_deref());
+        if let (Some(listen), Some(targets), Some(balance)) = (listen, targets, balance) {
             inbound.push(InboundService {
                 name: s.name.clone(),
                 listen,
-                target,
+                targets,
+                balance,
+                health,
                 allow: s.allow.clone(),
                 accept_proxy: s.accept_proxy,
                 proxy_protocol,
@@ -543,12 +704,28 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
                 .parse::<SocketAddr>()
                 .map_err(|_| format!("invalid socket address {:?}", o.listen)),
         );
-        let target = err.check(
-            key("target"),
-            protocol::parse_destination(&o.target)
+        let mut destinations = Vec::new();
+        let mut all_valid = true;
+        if o.target.0.is_empty() {
+            err.push(key("target"), "at least one destination is required");
+        }
+        for (j, t) in o.target.0.iter().enumerate() {
+            let k = o.target.key(&key("target"), j);
+            match protocol::parse_destination(t)
                 .map(|(h, p)| protocol::destination_authority(&h, p))
-                .ok_or_else(|| format!("invalid destination {:?} (expected HOST:PORT)", o.target)),
-        );
+            {
+                Some(d) if destinations.contains(&d) => {
+                    err.push(k, format!("{t:?} is listed twice"));
+                    all_valid = false;
+                }
+                Some(d) => destinations.push(d),
+                None => {
+                    err.push(k, format!("invalid destination {t:?} (expected HOST:PORT)"));
+                    all_valid = false;
+                }
+            }
+        }
+        let target = (all_valid && !destinations.is_empty()).then(|| destinations.remove(0));
         let mut via = Vec::new();
         for (j, v) in o.via.iter().enumerate() {
             match raw.dmz.iter().position(|d| d == v) {
@@ -564,6 +741,7 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
                 name: o.name.clone(),
                 listen,
                 target,
+                backups: destinations,
                 via,
             });
         }
@@ -589,4 +767,206 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         limits,
         inbound,
     })
+}
+
+/// The targets of `inbound[i]`: each valid, none twice, each range as large as `listen`'s.
+fn inbound_targets(
+    err: &mut ConfigError,
+    base: &str,
+    raw: &RawTargets,
+    listen: Option<&ListenSpec>,
+) -> Option<Vec<TargetSpec>> {
+    if raw.0.is_empty() {
+        err.push(base, "at least one target is required");
+        return None;
+    }
+    let mut targets: Vec<TargetSpec> = Vec::new();
+    let mut ok = true;
+    for (j, text) in raw.0.iter().enumerate() {
+        let key = raw.key(base, j);
+        let Some(t) = err.check(&key, text.parse::<TargetSpec>()) else {
+            ok = false;
+            continue;
+        };
+        if targets
+            .iter()
+            .any(|o| o.host.eq_ignore_ascii_case(&t.host) && o.ports == t.ports)
+        {
+            err.push(&key, format!("{text:?} is listed twice"));
+            ok = false;
+            continue;
+        }
+        if let Some(l) = listen
+            && l.ports.len() != t.ports.len()
+        {
+            err.push(
+                &key,
+                format!(
+                    "port range {} has {} ports but listen {} has {}",
+                    t.ports,
+                    t.ports.len(),
+                    l.ports,
+                    l.ports.len()
+                ),
+            );
+            ok = false;
+        }
+        targets.push(t);
+    }
+    ok.then_some(targets)
+}
+
+/// A checked `[inbound.health]` table, or `None` after reporting its problems.
+fn health_check(
+    err: &mut ConfigError,
+    base: &str,
+    raw: &RawHealth,
+    dir: &Path,
+) -> Option<HealthCheck> {
+    let before = err.problems.len();
+    let key = |field: &str| format!("{base}.{field}");
+    let interval = duration(
+        err,
+        &key("interval"),
+        &raw.interval,
+        defaults::HEALTH_INTERVAL,
+    );
+    let timeout = duration(err, &key("timeout"), &raw.timeout, defaults::HEALTH_TIMEOUT);
+    if timeout > interval {
+        err.push(
+            key("timeout"),
+            format!("{timeout:?} is longer than the interval {interval:?}"),
+        );
+    }
+    let hold_down = duration(
+        err,
+        &key("hold_down"),
+        &raw.hold_down,
+        defaults::HEALTH_HOLD_DOWN,
+    );
+    let fall = raw.fall.unwrap_or(defaults::HEALTH_FALL);
+    let rise = raw.rise.unwrap_or(defaults::HEALTH_RISE);
+    for (field, n) in [("fall", fall), ("rise", rise)] {
+        if n == 0 {
+            err.push(key(field), "must be at least 1");
+        }
+    }
+    let only = |err: &mut ConfigError, field: &str, set: bool, kind: &str| {
+        if set {
+            err.push(key(field), format!("applies to kind = \"{kind}\" only"));
+        }
+    };
+    let kind = match raw.kind.as_deref() {
+        None => {
+            err.push(
+                key("kind"),
+                "missing: \"tcp\", \"tls\" or \"http\" is required",
+            );
+            None
+        }
+        Some(k @ ("tcp" | "tls" | "http")) => {
+            if k != "tls" {
+                only(err, "ca", raw.ca.is_some(), "tls");
+                only(err, "server_name", raw.server_name.is_some(), "tls");
+            }
+            if k != "http" {
+                only(err, "request", raw.request.is_some(), "http");
+                only(err, "status", raw.status.is_some(), "http");
+            }
+            match k {
+                "tcp" => Some(CheckKind::Tcp),
+                "tls" => health_tls(err, &key, raw, dir),
+                _ => health_http(err, &key, raw),
+            }
+        }
+        Some(other) => {
+            err.push(
+                key("kind"),
+                format!("unknown kind {other:?} (expected \"tcp\", \"tls\" or \"http\")"),
+            );
+            None
+        }
+    };
+    if err.problems.len() != before {
+        return None;
+    }
+    Some(HealthCheck {
+        kind: kind?,
+        interval,
+        timeout,
+        fall,
+        rise,
+        hold_down,
+    })
+}
+
+fn health_tls(
+    err: &mut ConfigError,
+    key: &dyn Fn(&str) -> String,
+    raw: &RawHealth,
+    dir: &Path,
+) -> Option<CheckKind> {
+    let server_name = match &raw.server_name {
+        Some(s) => Some(err.check(key("server_name"), server_name(s))?),
+        None => None,
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("the provider supports the default versions");
+    let (config, verified) = match &raw.ca {
+        Some(ca) => {
+            let roots = err.check(key("ca"), tls::load_roots(&cfg::resolve(dir, ca)))?;
+            (
+                builder.with_root_certificates(roots).with_no_client_auth(),
+                true,
+            )
+        }
+        None => (
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(tls::AnyServerCert::new()))
+                .with_no_client_auth(),
+            false,
+        ),
+    };
+    Some(CheckKind::Tls {
+        config: Arc::new(config),
+        server_name,
+        verified,
+    })
+}
+
+fn health_http(
+    err: &mut ConfigError,
+    key: &dyn Fn(&str) -> String,
+    raw: &RawHealth,
+) -> Option<CheckKind> {
+    let request = raw
+        .request
+        .clone()
+        .unwrap_or_else(|| defaults::HEALTH_REQUEST.to_owned());
+    let valid = request.split(' ').count() == 2
+        && request
+            .split(' ')
+            .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_graphic()))
+        && request
+            .split(' ')
+            .nth(1)
+            .is_some_and(|p| p.starts_with('/'));
+    if !valid {
+        err.push(
+            key("request"),
+            format!("invalid request line {request:?} (expected METHOD /PATH, as \"GET /health\")"),
+        );
+        return None;
+    }
+    let status = raw.status.unwrap_or(defaults::HEALTH_STATUS);
+    if !(100..=599).contains(&status) {
+        err.push(
+            key("status"),
+            format!("{status} is not an HTTP status code"),
+        );
+        return None;
+    }
+    Some(CheckKind::Http { request, status })
 }

@@ -1,5 +1,6 @@
 //! The agent's end of the control stream of an inbound carrier: it re-registers after a
-//! reload, announces its drain, and writes the audit records of partners the DMZ refused.
+//! reload and when a service is withdrawn or declared again, announces its drain, and writes
+//! the audit records of partners the DMZ refused.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ pub async fn serve(
     agent: Arc<Agent>,
     dmz: String,
     index: usize,
-    mut changes: watch::Receiver<Arc<Settings>>,
+    (mut changes, mut declarations): (watch::Receiver<Arc<Settings>>, watch::Receiver<u64>),
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
@@ -42,7 +43,16 @@ pub async fn serve(
                 if changed.is_err() {
                     return;
                 }
-                let services = changes.borrow_and_update().decls.clone();
+                let services = changes.borrow_and_update().declared();
+                control::send(&mut send, &AgentMessage::Register { services })
+            }
+            // A service withdrawn (no healthy target) or back: the full list, as after a reload.
+            changed = declarations.changed(), if !drained => {
+                if changed.is_err() {
+                    return;
+                }
+                declarations.borrow_and_update();
+                let services = agent.settings().declared();
                 control::send(&mut send, &AgentMessage::Register { services })
             }
             message = reader.next::<DmzMessage>() => match message {

@@ -223,7 +223,7 @@ async fn serve_inbound(
 ) -> Result<String, TunnelError> {
     let timeout = agent.limits.connect_timeout;
     // Watch from before the registration is sent, so no reload is missed.
-    let changes = agent.settings.subscribe();
+    let changes = (agent.settings.subscribe(), agent.declarations.subscribe());
     let registration = agent.registration();
     let exchange = async {
         protocol::write_message(&mut tls, &registration).await?;

@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::Agent;
 use crate::config::InboundService;
+use crate::health::{self, ServiceState, Source};
 
 /// Serves one session stream opened by the DMZ node `dmz`.
 pub async fn serve(
@@ -25,7 +26,7 @@ pub async fn serve(
     mut respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
-    let (service, port_offset, meta) = match parse(&agent, &request) {
+    let (service, state, port_offset, meta) = match parse(&agent, &request) {
         Ok(parsed) => parsed,
         Err((refusal, reason)) => {
             metrics::counter!(m::REJECTIONS, "reason" => refusal.label()).increment(1);
@@ -40,7 +41,7 @@ pub async fn serve(
     let span = tracing::info_span!("session", id = %meta.session, service = %service.name, direction = m::INBOUND, partner = %meta.partner, %dmz);
     async move {
         let result =
-            pump::catch_panic(run(&agent, &service, port_offset, &meta, request, respond, started))
+            pump::catch_panic(run(&agent, &service, &state, port_offset, &meta, request, respond, started))
                 .await;
         let duration = started.elapsed();
         if let Some(Ok(_)) = result {
@@ -70,7 +71,7 @@ pub async fn serve(
     .await;
 }
 
-type Parsed = (Arc<InboundService>, u16, SessionMeta);
+type Parsed = (Arc<InboundService>, Arc<ServiceState>, u16, SessionMeta);
 
 fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusal, String)> {
     if request.method() != Method::CONNECT {
@@ -89,11 +90,13 @@ fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusa
             format!("{authority} does not name a service"),
         )
     })?;
-    let service = agent
-        .settings()
+    // Both from one snapshot: a reload may replace the settings meanwhile.
+    let settings = agent.settings();
+    let (service, state) = settings
         .services
         .get(name)
         .cloned()
+        .zip(settings.health.get(name).cloned())
         .ok_or_else(|| (Refusal::UnknownService, format!("no service {name:?} here")))?;
     if !service.listen.ports.contains(port) {
         return Err((
@@ -106,7 +109,7 @@ fn parse(agent: &Agent, request: &Request<RecvStream>) -> Result<Parsed, (Refusa
         "missing or malformed session metadata".to_owned(),
     ))?;
     let offset = port - service.listen.ports.first;
-    Ok((service, offset, meta))
+    Ok((service, state, offset, meta))
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, refusal: Refusal, reason: &str) {
@@ -120,9 +123,85 @@ fn refuse(respond: &mut SendResponse<Bytes>, refusal: Refusal, reason: &str) {
 
 type Ran = (pump::Transferred, Result<(), PumpError>);
 
+/// Connects the targets of `service` in the order its balance gives, skipping those that
+/// refuse or time out (each failure counts toward the target's `fall`); returns the stream
+/// and the index of the target, or the last failure when none could be reached.
+async fn connect(
+    agent: &Agent,
+    service: &InboundService,
+    state: &ServiceState,
+    port_offset: u16,
+    meta: &SessionMeta,
+) -> Result<(TcpStream, usize), (Refusal, String)> {
+    let timeout = agent.limits.connect_timeout;
+    let mut last = (Refusal::TargetRefused, "no target".to_owned());
+    let mut changed = false;
+    for i in state.order() {
+        let target = &state.targets[i];
+        let (host, port) = target
+            .spec
+            .authority_for_offset(port_offset)
+            .expect("config checks that target and listen ranges have the same size");
+        let failure =
+            match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port))).await {
+                Ok(Ok(mut stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    match service.proxy_protocol {
+                        Some(version) => {
+                            use tokio::io::AsyncWriteExt;
+                            let header =
+                                relay_tunnel::proxyproto::encode(version, meta.partner, meta.local);
+                            match tokio::time::timeout(timeout, stream.write_all(&header)).await {
+                                Ok(Ok(())) => Ok(stream),
+                                _ => Err((
+                                    Refusal::TargetRefused,
+                                    "target closed before the PROXY header was sent".to_owned(),
+                                )),
+                            }
+                        }
+                        None => Ok(stream),
+                    }
+                }
+                Ok(Err(e)) => Err((
+                    Refusal::TargetRefused,
+                    format!("target connect failed: {e}"),
+                )),
+                Err(_) => Err((
+                    Refusal::TargetTimeout,
+                    format!("target connect timed out after {timeout:?}"),
+                )),
+            };
+        match failure {
+            Ok(stream) => {
+                state.record(i, Ok(()), Source::Session);
+                if changed || state.evaluate() {
+                    agent.declarations_changed();
+                }
+                return Ok((stream, i));
+            }
+            Err((refusal, reason)) => {
+                metrics::counter!(m::TARGET_FAILOVERS, "service" => service.name.clone(), "target" => target.label.clone()).increment(1);
+                // A dead target under load fails every session: log a sample, count them all.
+                if let Some(held_back) = agent.log_limit.check("target_connect") {
+                    tracing::warn!(target = %format_args!("{host}:{port}"), %reason, held_back, "target connect failed; trying the next target");
+                }
+                state.record(i, Err(&reason), Source::Session);
+                changed |= state.evaluate();
+                last = (refusal, reason);
+            }
+        }
+    }
+    if changed {
+        agent.declarations_changed();
+    }
+    Err(last)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     agent: &Agent,
     service: &InboundService,
+    state: &ServiceState,
     port_offset: u16,
     meta: &SessionMeta,
     request: Request<RecvStream>,
@@ -137,51 +216,14 @@ async fn run(
         );
         return Err(Refusal::Unavailable);
     };
-    let (host, port) = service
-        .target
-        .authority_for_offset(port_offset)
-        .expect("config checks that target and listen ranges have the same size");
-    let timeout = agent.limits.connect_timeout;
-    let target = match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port)))
-        .await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::warn!(target = %format_args!("{host}:{port}"), error = %e, "target connect failed");
-            refuse(
-                &mut respond,
-                Refusal::TargetRefused,
-                &format!("target connect failed: {e}"),
-            );
-            return Err(Refusal::TargetRefused);
-        }
-        Err(_) => {
-            tracing::warn!(target = %format_args!("{host}:{port}"), ?timeout, "target connect timed out");
-            refuse(
-                &mut respond,
-                Refusal::TargetTimeout,
-                "target connect timed out",
-            );
-            return Err(Refusal::TargetTimeout);
+    let (target, chosen) = match connect(agent, service, state, port_offset, meta).await {
+        Ok(connected) => connected,
+        Err((refusal, reason)) => {
+            refuse(&mut respond, refusal, &reason);
+            return Err(refusal);
         }
     };
-    let mut target = target;
-    let _ = target.set_nodelay(true);
-    if let Some(version) = service.proxy_protocol {
-        use tokio::io::AsyncWriteExt;
-        let header = relay_tunnel::proxyproto::encode(version, meta.partner, meta.local);
-        if !matches!(
-            tokio::time::timeout(timeout, target.write_all(&header)).await,
-            Ok(Ok(()))
-        ) {
-            refuse(
-                &mut respond,
-                Refusal::TargetRefused,
-                "target closed before the PROXY header was sent",
-            );
-            return Err(Refusal::TargetRefused);
-        }
-    }
+    let _in_flight = health::InFlight::new(&state.targets[chosen]);
     let send = match respond.send_response(
         Response::builder()
             .status(StatusCode::OK)

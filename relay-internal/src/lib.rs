@@ -6,6 +6,7 @@
 pub mod config;
 pub mod control;
 pub mod dialer;
+pub mod health;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -42,6 +43,8 @@ pub struct Agent {
     pub(crate) log_limit: relay_tunnel::ratelog::RateLimit,
     /// What a reload can change; tunnels watch it to re-register.
     pub(crate) settings: tokio::sync::watch::Sender<Arc<Settings>>,
+    /// Bumped when a service is withdrawn or declared again: control streams re-register.
+    pub(crate) declarations: tokio::sync::watch::Sender<u64>,
     /// Configured DMZ node addresses, by index.
     pub(crate) nodes: Vec<String>,
     pub(crate) pool: Arc<pool::Pool>,
@@ -69,6 +72,8 @@ pub struct Settings {
     pub(crate) connector_out: TlsConnector,
     pub(crate) services: HashMap<String, Arc<InboundService>>,
     pub(crate) decls: Vec<relay_tunnel::protocol::ServiceDecl>,
+    /// Target state of each inbound service.
+    pub(crate) health: HashMap<String, Arc<health::ServiceState>>,
 }
 
 impl Settings {
@@ -83,7 +88,21 @@ impl Settings {
                 .map(|s| (s.name.clone(), Arc::new(s.clone())))
                 .collect(),
             decls: config.inbound.iter().map(InboundService::decl).collect(),
+            health: config
+                .inbound
+                .iter()
+                .map(|s| (s.name.clone(), Arc::new(health::ServiceState::new(s))))
+                .collect(),
         }
+    }
+
+    /// The services to declare now: all but those withdrawn for want of a healthy target.
+    pub(crate) fn declared(&self) -> Vec<relay_tunnel::protocol::ServiceDecl> {
+        self.decls
+            .iter()
+            .filter(|d| !self.health.get(&d.name).is_some_and(|h| h.withdrawn()))
+            .cloned()
+            .collect()
     }
 }
 
@@ -118,8 +137,13 @@ impl Agent {
     pub(crate) fn registration(&self) -> Registration {
         Registration {
             instance: self.instance.clone(),
-            services: self.settings().decls.clone(),
+            services: self.settings().declared(),
         }
+    }
+
+    /// Tells every control stream to declare the services again (one was withdrawn or is back).
+    pub(crate) fn declarations_changed(&self) {
+        self.declarations.send_modify(|n| *n += 1);
     }
 
     pub(crate) fn tunnel_up(&self, node: &str) -> TunnelUp<'_> {
@@ -161,7 +185,7 @@ impl Agent {
                 }
             }
         }
-        let declared = self.settings().decls.clone();
+        let declared = self.settings().declared();
         let mut all = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
         let node = all.entry(dmz.to_owned()).or_default();
         if full {
@@ -224,6 +248,7 @@ pub async fn run(
     let agent = Arc::new(Agent {
         instance: format!("{:016x}", fastrand::u64(..)),
         settings: tokio::sync::watch::Sender::new(Arc::new(Settings::from_config(&config))),
+        declarations: tokio::sync::watch::Sender::new(0),
         nodes: config.dmz.iter().map(|n| n.addr.clone()).collect(),
         pool: pool::Pool::new(config.dmz.len()),
         keepalive: config.keepalive,
@@ -272,6 +297,7 @@ pub async fn run(
         &shutdown,
     );
 
+    let health_task = tokio::spawn(health::run(agent.clone()));
     let shard = shards.handles();
     let tunnels = TaskTracker::new();
     let kinds: &[dialer::Kind] = if config.has_outbound() {
@@ -343,6 +369,7 @@ pub async fn run(
     tunnels.close();
     tunnels.wait().await;
     control.stop().await;
+    health_task.abort();
     drop(shards);
     tracing::info!("stopped");
     Ok(())

@@ -12,7 +12,8 @@ use relay_tunnel::h2conf::ANSWER_MARGIN;
 use relay_tunnel::metrics as m;
 use relay_tunnel::net;
 use relay_tunnel::protocol::{
-    self, HEADER_CONNECT_TIMEOUT, HEADER_SERVICE, HEADER_SESSION, Refusal,
+    self, HEADER_BACKUP, HEADER_CONNECT_TIMEOUT, HEADER_DIALED, HEADER_SERVICE, HEADER_SESSION,
+    Refusal,
 };
 use relay_tunnel::pump::{self, PumpCounters};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,13 +31,16 @@ pub struct Opened {
     pub send: h2::SendStream<Bytes>,
     /// From the partner.
     pub recv: h2::RecvStream,
+    /// The destination the DMZ reached (the primary or one of its backups).
+    pub dialed: String,
 }
 
-/// Asks DMZ nodes, best first, to dial `destination` (`host:port`); returns the first stream
-/// a node accepted, or the most telling refusal.
+/// Asks DMZ nodes, best first, to dial `destination` (`host:port`, then `backups` in order);
+/// returns the first stream a node accepted, or the most telling refusal.
 pub async fn open(
     agent: &Agent,
     destination: &str,
+    backups: &[String],
     service: &str,
     session: &str,
     via: &[usize],
@@ -54,6 +58,7 @@ pub async fn open(
             request(
                 &lease,
                 destination,
+                backups,
                 service,
                 session,
                 agent.limits.connect_timeout,
@@ -61,7 +66,14 @@ pub async fn open(
         )
         .await
         {
-            Ok(Ok((send, recv))) => return Ok(Opened { lease, send, recv }),
+            Ok(Ok((send, recv, dialed))) => {
+                return Ok(Opened {
+                    lease,
+                    send,
+                    recv,
+                    dialed: dialed.unwrap_or_else(|| destination.to_owned()),
+                });
+            }
             Ok(Err(failure)) => {
                 tracing::debug!(dmz = %node, refusal = ?failure.0, reason = %failure.1, "DMZ node could not open the session; trying the next");
                 failures.push(failure);
@@ -86,13 +98,17 @@ pub async fn open(
     Err(failures.swap_remove(0))
 }
 
+/// A stream the DMZ answered with 200, and the destination it says it reached.
+type Answered = (h2::SendStream<Bytes>, h2::RecvStream, Option<String>);
+
 async fn request(
     lease: &Lease,
     destination: &str,
+    backups: &[String],
     service: &str,
     session: &str,
     dial_timeout: Duration,
-) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), (Refusal, String)> {
+) -> Result<Answered, (Refusal, String)> {
     let tunnel = |e: h2::Error| (Refusal::Unavailable, format!("tunnel: {e}"));
     let mut req = Request::builder()
         .method(Method::CONNECT)
@@ -106,11 +122,16 @@ async fn request(
         })?;
     let headers = req.headers_mut();
     let dial_ms = dial_timeout.as_millis().to_string();
+    let backup_list = backups.join(",");
     for (name, value) in [
         (HEADER_SERVICE, service),
         (HEADER_SESSION, session),
         (HEADER_CONNECT_TIMEOUT, dial_ms.as_str()),
+        (HEADER_BACKUP, backup_list.as_str()),
     ] {
+        if value.is_empty() {
+            continue;
+        }
         if let Ok(v) = http::HeaderValue::try_from(value) {
             headers.insert(name, v);
         }
@@ -119,7 +140,12 @@ async fn request(
     let (response, mut send) = send_request.send_request(req, false).map_err(tunnel)?;
     let response = response.await.map_err(tunnel)?;
     if response.status() == StatusCode::OK {
-        return Ok((send, response.into_body()));
+        let dialed = response
+            .headers()
+            .get(HEADER_DIALED)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        return Ok((send, response.into_body(), dialed));
     }
     send.send_reset(h2::Reason::CANCEL);
     Err(Refusal::of_answer(&response))
@@ -161,6 +187,7 @@ pub async fn relay(
         service,
         session,
         &dmz,
+        &opened.dialed,
         started.elapsed(),
         moved.to_socket,
         moved.to_stream,
@@ -180,7 +207,7 @@ pub fn guarded<'a>(
     pump::catch_panic(task).map(move |ran| {
         if ran.is_none() {
             let outcome = pump::INTERNAL_ERROR;
-            audit(service, session, "-", started.elapsed(), 0, 0, outcome);
+            audit(service, session, "-", "-", started.elapsed(), 0, 0, outcome);
         }
     })
 }
@@ -197,6 +224,7 @@ pub fn refused(service: &str, session: &str, refusal: Refusal, reason: &str, sta
         service,
         session,
         "-",
+        "-",
         started.elapsed(),
         0,
         0,
@@ -204,10 +232,12 @@ pub fn refused(service: &str, session: &str, refusal: Refusal, reason: &str, sta
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 fn audit(
     service: &str,
     session: &str,
     dmz: &str,
+    dialed: &str,
     duration: Duration,
     to_engine: u64,
     to_partner: u64,
@@ -220,6 +250,7 @@ fn audit(
         service,
         direction = m::OUTBOUND,
         dmz,
+        dialed,
         duration_ms = duration.as_millis() as u64,
         bytes_partner_to_target = to_engine,
         bytes_target_to_partner = to_partner,
@@ -263,7 +294,7 @@ async fn fixed_session(
         return refused(name, session, Refusal::Unavailable, reason, started);
     };
     let _ = engine.set_nodelay(true);
-    match open(agent, &spec.target, name, session, &spec.via).await {
+    match open(agent, &spec.target, &spec.backups, name, session, &spec.via).await {
         Ok(opened) => relay(agent, name, session, engine, opened, Bytes::new(), started).await,
         Err((refusal, reason)) => refused(name, session, refusal, &reason, started),
     }

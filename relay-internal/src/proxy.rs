@@ -117,7 +117,7 @@ async fn socks(agent: &Agent, mut engine: TcpStream, session: &str, started: Ins
         Err(_) => return,
     };
     let destination = protocol::destination_authority(&host, port);
-    match outbound::open(agent, &destination, SERVICE, session, &[]).await {
+    match outbound::open(agent, &destination, &[], SERVICE, session, &[]).await {
         Ok(opened) => {
             if engine.write_all(&socks5::reply(reply::OK)).await.is_ok() {
                 outbound::relay(agent, SERVICE, session, engine, opened, prefix, started).await;
@@ -196,7 +196,7 @@ async fn answer_connect(
         return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port\n".into());
     };
     tracing::Span::current().record("destination", destination.as_str());
-    match outbound::open(&agent, &destination, SERVICE, &session, &[]).await {
+    match outbound::open(&agent, &destination, &[], SERVICE, &session, &[]).await {
         Ok(opened) => {
             let upgrade = hyper::upgrade::on(&mut req);
             let agent2 = agent.clone();

@@ -34,6 +34,21 @@ pub const CONFIG_RELOADS: &str = "relay_config_reloads_total";
 /// Gauge: always 1, labelled with the `version`.
 pub const BUILD_INFO: &str = "relay_build_info";
 
+/// Gauge (agent): 1 while a target of a service is healthy, 0 once `fall` checks failed;
+/// labelled `service` and `target` (an address from the agent's own config).
+pub const TARGET_UP: &str = "relay_target_up";
+/// Counter (agent): health checks of targets by `service`, `target` and `result`
+/// (`ok`, `failed`; passive failures of a session's connect count as `passive_failed`).
+pub const HEALTH_CHECKS: &str = "relay_health_checks_total";
+/// Gauge (agent): 1 while a service is declared to the DMZ nodes, 0 while it is withdrawn
+/// because no target of it is healthy; labelled `service`.
+pub const SERVICE_DECLARED: &str = "relay_service_declared";
+/// Counter (agent): withdrawals of a service for want of a healthy target, by `service`.
+pub const WITHDRAWALS: &str = "relay_service_withdrawals_total";
+/// Counter (agent): target connects of inbound sessions that failed and moved on to the next
+/// target, by `service` and `target`.
+pub const TARGET_FAILOVERS: &str = "relay_target_failovers_total";
+
 /// Histogram buckets for latencies, in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -89,6 +104,20 @@ pub fn describe() {
     describe_counter!(
         CONFIG_RELOADS,
         "Config reloads (SIGHUP or POST /reload), by result."
+    );
+    describe_gauge!(TARGET_UP, "1 while a target passes its health checks.");
+    describe_counter!(HEALTH_CHECKS, "Health checks of targets, by result.");
+    describe_gauge!(
+        SERVICE_DECLARED,
+        "1 while a service is declared to the DMZ nodes, 0 while withdrawn."
+    );
+    describe_counter!(
+        WITHDRAWALS,
+        "Services withdrawn from the DMZ for want of a healthy target."
+    );
+    describe_counter!(
+        TARGET_FAILOVERS,
+        "Target connects that failed and moved on to the next target."
     );
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);

@@ -33,6 +33,13 @@ pub const HEADER_SERVICE: &str = "relay-service";
 /// DMZ dials within the smaller of this and its own `limits.connect_timeout`, so it answers
 /// before the agent gives up and tries another node).
 pub const HEADER_CONNECT_TIMEOUT: &str = "relay-connect-timeout-ms";
+/// Header of an outbound session: backup destinations (`host:port`, comma-separated), dialed in
+/// order when the request's own destination cannot be reached.
+pub const HEADER_BACKUP: &str = "relay-backup";
+/// Most backup destinations one outbound session may name.
+pub const MAX_BACKUPS: usize = 8;
+/// Header of a 200 answer to an outbound session: the destination the DMZ reached.
+pub const HEADER_DIALED: &str = "relay-dialed";
 /// Header of a non-200 answer: one line saying why the session was refused.
 pub const HEADER_REASON: &str = "relay-reason";
 

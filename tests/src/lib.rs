@@ -230,7 +230,7 @@ pub struct Service {
     pub name: String,
     /// Public listen address.
     pub listen: String,
-    /// Target address.
+    /// Target address; written as a TOML value as it is when it starts with `[` (a list).
     pub target: String,
     /// Extra TOML lines for the service.
     pub extra: String,
@@ -244,6 +244,15 @@ impl Service {
             listen: format!("127.0.0.1:{port}"),
             target: target.to_string(),
             extra: String::new(),
+        }
+    }
+
+    /// A service `name` published on 127.0.0.1:`port`, relayed to the list `targets`.
+    pub fn targets(name: &str, port: u16, targets: &[SocketAddr]) -> Self {
+        let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        Self {
+            target: format!("{list:?}"),
+            ..Self::new(name, port, targets[0])
         }
     }
 }
@@ -298,9 +307,14 @@ impl AgentOptions {
             self.limits,
         );
         for svc in &self.services {
+            let target = if svc.target.starts_with('[') {
+                svc.target.clone()
+            } else {
+                format!("\"{}\"", svc.target)
+            };
             s += &format!(
-                "\n[[inbound]]\nname = \"{}\"\nlisten = \"{}\"\ntarget = \"{}\"\n{}\n",
-                svc.name, svc.listen, svc.target, svc.extra
+                "\n[[inbound]]\nname = \"{}\"\nlisten = \"{}\"\ntarget = {target}\n{}\n",
+                svc.name, svc.listen, svc.extra
             );
         }
         s += &self.extra;
