@@ -12,6 +12,10 @@ use crate::config::Limits;
 
 /// Sources tracked at most; beyond that, new sources are refused until old ones go idle.
 const MAX_SOURCES: usize = 100_000;
+/// Sources tracked before the first sweep of those that need no state any more. Each sweep
+/// sets the next one at twice the sources left, so sweeping costs O(1) per new source and the
+/// table stays within twice the sources with a session or a bucket still refilling.
+const SWEEP_FLOOR: usize = 1024;
 
 #[derive(Debug)]
 struct Source {
@@ -20,11 +24,27 @@ struct Source {
     refilled: Instant,
 }
 
+/// The sources with state, and the table size at which the next sweep forgets those without.
+#[derive(Debug)]
+struct Sources {
+    by_ip: HashMap<IpAddr, Source>,
+    sweep_at: usize,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Self {
+            by_ip: HashMap::new(),
+            sweep_at: SWEEP_FLOOR,
+        }
+    }
+}
+
 /// Per-service and per-source admission state.
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
-    sources: Mutex<HashMap<IpAddr, Source>>,
+    sources: Mutex<Sources>,
     services: Mutex<HashMap<String, usize>>,
     over_budget: AtomicBool,
 }
@@ -42,10 +62,15 @@ impl Drop for Ticket {
         if let Some(n) = lock(&self.admission.services).get_mut(&self.service) {
             *n -= 1;
         }
-        if let Some(source) = self.source
-            && let Some(s) = lock(&self.admission.sources).get_mut(&source)
-        {
-            s.active -= 1;
+        if let Some(source) = self.source {
+            let mut sources = lock(&self.admission.sources);
+            if let Some(s) = sources.by_ip.get_mut(&source) {
+                s.active -= 1;
+                // Without a rate limit an idle source has no state worth keeping.
+                if s.active == 0 && self.admission.limits.source_rate.is_none() {
+                    sources.by_ip.remove(&source);
+                }
+            }
         }
     }
 }
@@ -76,15 +101,18 @@ impl Admission {
         if track_source {
             let mut sources = lock(&self.sources);
             let now = Instant::now();
-            if !sources.contains_key(&source) && sources.len() >= MAX_SOURCES {
-                // Forget sources with no session whose bucket has refilled.
+            if !sources.by_ip.contains_key(&source) && sources.by_ip.len() >= sources.sweep_at {
+                // Forget sources with no session whose bucket (if any) has refilled: a new
+                // entry for them would hold the same state.
                 sources
-                    .retain(|_, s| s.active > 0 || refill(s, l, now) < f64::from(l.source_burst));
-                if sources.len() >= MAX_SOURCES {
+                    .by_ip
+                    .retain(|_, s| s.active > 0 || !refilled(s, l, now));
+                sources.sweep_at = (2 * sources.by_ip.len()).clamp(SWEEP_FLOOR, MAX_SOURCES);
+                if sources.by_ip.len() >= MAX_SOURCES {
                     return Err("source_limit");
                 }
             }
-            let s = sources.entry(source).or_insert(Source {
+            let s = sources.by_ip.entry(source).or_insert(Source {
                 active: 0,
                 tokens: f64::from(l.source_burst),
                 refilled: now,
@@ -98,15 +126,23 @@ impl Admission {
             if l.max_sessions_per_source.is_some_and(|max| s.active >= max) {
                 return Err("source_limit");
             }
-            s.tokens -= 1.0;
+            if l.source_rate.is_some() {
+                s.tokens -= 1.0;
+            }
             s.active += 1;
         }
         let mut services = lock(&self.services);
         let n = services.entry(service.to_owned()).or_default();
         if *n >= l.max_sessions_per_service {
             drop(services);
-            if track_source && let Some(s) = lock(&self.sources).get_mut(&source) {
-                s.active -= 1;
+            if track_source {
+                let mut sources = lock(&self.sources);
+                if let Some(s) = sources.by_ip.get_mut(&source) {
+                    s.active -= 1;
+                    if s.active == 0 && l.source_rate.is_none() {
+                        sources.by_ip.remove(&source);
+                    }
+                }
             }
             return Err("service_limit");
         }
@@ -164,6 +200,11 @@ fn refill(s: &mut Source, l: &Limits, now: Instant) -> f64 {
     s.tokens
 }
 
+/// Whether the bucket of `s` is full again (always, without a rate limit).
+fn refilled(s: &mut Source, l: &Limits, now: Instant) -> bool {
+    l.source_rate.is_none() || refill(s, l, now) >= f64::from(l.source_burst)
+}
+
 /// Resident set size of this process, from /proc/self/statm.
 fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -208,6 +249,55 @@ mod tests {
             "service_limit"
         );
         assert!(a.admit("other", "198.51.100.2".parse().unwrap()).is_ok());
+    }
+
+    fn sources(a: &Admission) -> usize {
+        lock(&a.sources).by_ip.len()
+    }
+
+    /// The `n`th distinct IPv6 source.
+    fn nth(n: usize) -> IpAddr {
+        IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | n as u128))
+    }
+
+    #[test]
+    fn sources_without_a_rate_limit_are_forgotten_when_idle() {
+        let mut l = crate::config::Limits::for_tests();
+        l.max_sessions_per_source = Some(2);
+        let a = Admission::new(l);
+        for n in 0..MAX_SOURCES + 10 {
+            let ticket = a.admit("s", nth(n)).unwrap_or_else(|e| {
+                panic!("source {n}, after {n} sessions that all ended, refused: {e}")
+            });
+            drop(ticket);
+        }
+        assert_eq!(
+            sources(&a),
+            0,
+            "no state is kept for sources with no session"
+        );
+        let _held = a.admit("s", nth(0)).unwrap();
+        assert_eq!(sources(&a), 1, "a source with a session is tracked");
+    }
+
+    #[test]
+    fn sources_whose_bucket_refilled_are_swept() {
+        // A bucket of one, refilled within a microsecond.
+        let a = Admission::new(limits(10, 1000, u32::MAX, 1));
+        for n in 0..MAX_SOURCES / 4 {
+            drop(a.admit("s", nth(n)).unwrap());
+            assert!(
+                sources(&a) <= 2 * SWEEP_FLOOR,
+                "{} sources tracked after {n} short sessions from distinct sources",
+                sources(&a)
+            );
+        }
+        // One that still holds a session is never forgotten.
+        let _held = a.admit("s", nth(0)).unwrap();
+        for n in 1..4 * SWEEP_FLOOR {
+            drop(a.admit("s", nth(MAX_SOURCES + n)).unwrap());
+        }
+        assert!(lock(&a.sources).by_ip.contains_key(&nth(0)));
     }
 
     #[test]

@@ -12,7 +12,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,15 +39,16 @@ pub fn counted_reload(result: Result<String, String>) -> Result<String, String> 
     result
 }
 
-/// The admin endpoint and the reload signal of a running binary.
+/// The admin endpoint, the metrics upkeep and the reload signal of a running binary.
 pub struct Control {
     stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    tasks: TaskTracker,
 }
 
-/// Starts the reload signal (SIGHUP, until `shutdown`) and, when `listener` is given, the
-/// admin endpoint, which runs until [`Control::stop`] so that probes and scrapes are answered
-/// while the binary drains.
+/// Starts the reload signal (SIGHUP, until `shutdown`), the metrics upkeep (every
+/// [`telemetry::UPKEEP_PERIOD`](crate::telemetry::UPKEEP_PERIOD), scraped or not) and, when
+/// `listener` is given, the admin endpoint. The last two run until [`Control::stop`], so that
+/// probes and scrapes are answered, and the sessions that end, counted, while the binary drains.
 pub fn start(
     listener: Option<TcpListener>,
     ready: Readiness,
@@ -58,17 +58,24 @@ pub fn start(
 ) -> Control {
     tokio::spawn(crate::signals::on_reload(reload.clone(), shutdown.clone()));
     let stop = CancellationToken::new();
-    let task = listener.map(|l| tokio::spawn(serve(l, ready, Some(reload), metrics, stop.clone())));
-    Control { stop, task }
+    let tasks = TaskTracker::new();
+    tasks.spawn(crate::telemetry::upkeep(
+        metrics.clone(),
+        crate::telemetry::UPKEEP_PERIOD,
+        stop.clone(),
+    ));
+    if let Some(l) = listener {
+        tasks.spawn(serve(l, ready, Some(reload), metrics, stop.clone()));
+    }
+    tasks.close();
+    Control { stop, tasks }
 }
 
 impl Control {
-    /// Stops the admin endpoint and waits for it.
+    /// Stops the admin endpoint and the metrics upkeep, and waits for them.
     pub async fn stop(self) {
         self.stop.cancel();
-        if let Some(task) = self.task {
-            let _ = task.await;
-        }
+        self.tasks.wait().await;
     }
 }
 

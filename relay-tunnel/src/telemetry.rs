@@ -1,8 +1,11 @@
 //! Logging and metrics setup for the binaries.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::metrics as names;
@@ -71,6 +74,27 @@ pub fn log_panics() {
             tracing::error!(%location, "panic: {message}");
         }
     }));
+}
+
+/// How often [`upkeep`] folds the histogram samples recorded since the last fold into their
+/// buckets: the exporter's own period for the recorders it installs (docs/DECISIONS.md).
+pub const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+
+/// Folds pending histogram samples into their buckets every `period` until `stop`, whether or
+/// not anyone scrapes `/metrics`. The recorder built here queues every sample (16 bytes) until
+/// a scrape or an upkeep drains it (metrics-rs/metrics issue 467): without this task a node
+/// that nobody scrapes grows with every session it serves.
+pub async fn upkeep(metrics: PrometheusHandle, period: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick is immediate: nothing is pending yet.
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => metrics.run_upkeep(),
+        }
+    }
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle; later calls
