@@ -1,7 +1,8 @@
 //! A busy tunnel on a slow link: the DMZ node and the agent in two network namespaces joined by
 //! a veth pair shaped with `tc ... tbf` (both directions). A tunnel that is delivering data stays
-//! up however late a PING answer comes; a small session does not wait seconds behind bulk
-//! transfers; a peer that goes silent is still detected within two keepalive intervals.
+//! up however late a PING answer comes; a small session waits behind bulk transfers only for
+//! HTTP/2's turn-taking, not behind megabytes of queued data, and the link stays busy; a peer
+//! that goes silent is still detected within two keepalive intervals.
 //!
 //! Needs root and iproute2: skipped with a message otherwise, never under `CI=true`.
 
