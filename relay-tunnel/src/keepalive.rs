@@ -9,10 +9,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use h2::{Ping, PingPong};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 /// Why a keepalive loop ended.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +174,83 @@ pub async fn run(
                 }
                 Err(e) => return KeepaliveError::Failed(e),
             },
-            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = tokio::time::sleep_until(wake) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/2 client connection whose peer never answers (nobody reads the other end), its
+    /// connection driven in the background; the keepalive's `PingPong`.
+    async fn unanswered() -> (PingPong, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (_send, mut connection) = h2::client::handshake(ours).await.expect("handshake");
+        let ping_pong = connection.ping_pong().expect("ping_pong");
+        tokio::spawn(async move {
+            let _keep_send = _send;
+            let _ = connection.await;
+        });
+        (ping_pong, theirs)
+    }
+
+    /// Keepalive interval of these tests: short, on the real clock.
+    const INTERVAL: Duration = Duration::from_millis(200);
+
+    #[tokio::test]
+    async fn a_silent_peer_is_dead_after_two_intervals() {
+        let (ping_pong, _theirs) = unanswered().await;
+        let start = Instant::now();
+        let e = run(
+            ping_pong,
+            INTERVAL,
+            Activity::new(),
+            metrics::histogram!("test"),
+        )
+        .await;
+        assert!(matches!(e, KeepaliveError::Silent(_)), "{e}");
+        let took = start.elapsed();
+        assert!(
+            took >= INTERVAL * 2 && took < INTERVAL * 2 + Duration::from_millis(300),
+            "declared dead after {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_is_alive_without_ping_answers() {
+        let (ping_pong, _theirs) = unanswered().await;
+        let activity = Activity::new();
+        let feed = activity.clone();
+        // Bytes arrive every interval; the one PING sent is never answered.
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(INTERVAL).await;
+                feed.touch();
+            }
+        });
+        let keepalive = run(ping_pong, INTERVAL, activity, metrics::histogram!("test"));
+        if let Ok(e) = tokio::time::timeout(INTERVAL * 15, keepalive).await {
+            panic!("a peer sending every interval was declared dead: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_that_return_bytes_are_recorded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut watched = Watched::new(a, activity.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(activity.idle() >= Duration::from_millis(50));
+        b.write_all(b"x").await.expect("write");
+        let mut buf = [0u8; 1];
+        watched.read_exact(&mut buf).await.expect("read");
+        assert!(
+            activity.idle() < Duration::from_millis(50),
+            "{:?}",
+            activity.idle()
+        );
     }
 }
