@@ -27,9 +27,10 @@ use crate::Node;
 
 /// Drives one outbound carrier until it ends.
 pub async fn serve(tls: TlsStream<TcpStream>, agent: String, node: Arc<Node>) -> String {
+    let activity = keepalive::Activity::new();
     let mut connection = match tokio::time::timeout(
         node.tunnel.handshake_timeout,
-        h2conf::server().handshake::<_, Bytes>(tls),
+        h2conf::server().handshake::<_, Bytes>(keepalive::Watched::new(tls, activity.clone())),
     )
     .await
     {
@@ -41,6 +42,7 @@ pub async fn serve(tls: TlsStream<TcpStream>, agent: String, node: Arc<Node>) ->
     let keepalive = keepalive::run(
         ping_pong,
         node.tunnel.keepalive,
+        activity,
         metrics::histogram!(m::TUNNEL_RTT),
     );
     tokio::pin!(keepalive);

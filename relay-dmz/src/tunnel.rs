@@ -87,7 +87,7 @@ pub async fn serve(
     handshake_permit: crate::pending::Slot,
 ) {
     let started = Instant::now();
-    let _ = stream.set_nodelay(true);
+    relay_tunnel::net::tune_tunnel(&stream);
     let (mut tls_stream, agent, kind) = match authenticate(stream, &node, &handshake_permit).await {
         Ok(ok) => ok,
         Err(refused) => return refuse(&node, peer, &refused),
@@ -162,8 +162,9 @@ pub async fn serve(
             );
         }
     }
+    let activity = keepalive::Activity::new();
     let (send, mut connection) = match h2conf::client()
-        .handshake::<_, bytes::Bytes>(tls_stream)
+        .handshake::<_, bytes::Bytes>(keepalive::Watched::new(tls_stream, activity.clone()))
         .await
     {
         Ok(pair) => pair,
@@ -207,7 +208,7 @@ pub async fn serve(
             Ok(()) => "closed by the agent".to_owned(),
             Err(e) => format!("connection failed: {e}"),
         },
-        e = keepalive::run(ping_pong, node.tunnel.keepalive, rtt) => e.to_string(),
+        e = keepalive::run(ping_pong, node.tunnel.keepalive, activity, rtt) => e.to_string(),
         e = control::run(&node, &carrier, inbox).instrument(span.clone()) => e,
         _ = node.tunnels_cancel.cancelled() => "node shutting down".to_owned(),
         _ = cut.cancelled() => "agent no longer admitted (reload)".to_owned(),

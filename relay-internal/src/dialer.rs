@@ -197,7 +197,7 @@ async fn dial(
         .await
         .map_err(|_| TunnelError::ConnectTimeout(timeout))?
         .map_err(TunnelError::Connect)?;
-    let _ = tcp.set_nodelay(true);
+    relay_tunnel::net::tune_tunnel(&tcp);
     let settings = agent.settings();
     let (connector, alpn) = match kind {
         Kind::Inbound => (&settings.connector, ALPN_INBOUND_V1),
@@ -243,10 +243,13 @@ async fn serve_inbound(
         return Err(TunnelError::Refused(reason));
     }
     agent.record_verdicts(&node.addr, &answer.services, true, index);
-    let mut connection = tokio::time::timeout(timeout, h2conf::server().handshake::<_, Bytes>(tls))
-        .await
-        .map_err(|_| TunnelError::ConnectTimeout(timeout))?
-        .map_err(TunnelError::Http2)?;
+    let activity = keepalive::Activity::new();
+    let watched = keepalive::Watched::new(tls, activity.clone());
+    let mut connection =
+        tokio::time::timeout(timeout, h2conf::server().handshake::<_, Bytes>(watched))
+            .await
+            .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+            .map_err(TunnelError::Http2)?;
     let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
 
     metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
@@ -257,6 +260,7 @@ async fn serve_inbound(
     let keepalive = keepalive::run(
         ping_pong,
         agent.keepalive,
+        activity,
         metrics::histogram!(m::TUNNEL_RTT),
     );
     tokio::pin!(keepalive);
@@ -328,8 +332,10 @@ async fn serve_outbound(
     was_up: &mut bool,
 ) -> Result<String, TunnelError> {
     let timeout = agent.limits.connect_timeout;
+    let activity = keepalive::Activity::new();
+    let watched = keepalive::Watched::new(tls, activity.clone());
     let (send, mut connection) =
-        tokio::time::timeout(timeout, h2conf::client().handshake::<_, Bytes>(tls))
+        tokio::time::timeout(timeout, h2conf::client().handshake::<_, Bytes>(watched))
             .await
             .map_err(|_| TunnelError::ConnectTimeout(timeout))?
             .map_err(TunnelError::Http2)?;
@@ -351,6 +357,7 @@ async fn serve_outbound(
     let keepalive = keepalive::run(
         ping_pong,
         agent.keepalive,
+        activity,
         metrics::histogram!(m::TUNNEL_RTT),
     );
     let ended = tokio::select! {

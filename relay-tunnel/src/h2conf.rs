@@ -15,8 +15,10 @@ pub const MAX_FRAME_SIZE: u32 = 16 * 1024;
 pub const MAX_CONCURRENT_STREAMS: u32 = 16 * 1024;
 /// Largest header block accepted: session metadata is a few hundred bytes.
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
-/// Bytes a stream may queue for sending beyond what the peer's window admits.
-pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Bytes a stream may queue in HTTP/2 for sending: what its pump may read ahead of the
+/// connection. 256 KiB keeps a fast link busy (docs/PERFORMANCE.md) and a slow one's memory
+/// short; it does not delay other streams, which HTTP/2 serves one frame each in turn.
+pub const MAX_SEND_BUFFER: usize = 256 * 1024;
 /// Streams a peer may open and reset before we accept them; more is a reset flood
 /// (CVE-2023-44487, "rapid reset") and ends the connection with GOAWAY.
 pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 64;

@@ -47,6 +47,19 @@ pub async fn accept(
     }
 }
 
+/// Unsent bytes a tunnel socket may hold in the kernel (`TCP_NOTSENT_LOWAT`): enough to keep
+/// the link busy between two writes, and short enough that a PING answer, a WINDOW_UPDATE or
+/// a new session's HEADERS do not wait behind megabytes of bulk data. Measured in
+/// docs/DECISIONS.md ("Short send queues").
+pub const TUNNEL_NOTSENT_LOWAT: u32 = 16 * 1024;
+
+/// Socket options of a tunnel connection: no Nagle delay, and a short unsent queue
+/// ([`TUNNEL_NOTSENT_LOWAT`]). Best effort: a failure costs latency, not correctness.
+pub fn tune_tunnel(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(TUNNEL_NOTSENT_LOWAT);
+}
+
 /// Makes the next close of this socket send a TCP RST instead of a FIN.
 pub fn set_reset_on_close(stream: &TcpStream) {
     // Best effort: the socket may already be gone.

@@ -1,12 +1,14 @@
 //! Test harness: a development PKI in a temporary directory, DMZ nodes and agents started
 //! in-process or as real processes from generated config files, and small targets; next to it,
 //! admin endpoint clients ([`admin`]), processes with their logs ([`process`]), `/proc` readers
-//! ([`procfs`]), a seeded byte pattern ([`pattern`]), the PKI's PEM files ([`pem`]) and
-//! HAProxy in front of two DMZ nodes ([`haproxy`]).
+//! ([`procfs`]), a seeded byte pattern ([`pattern`]), the PKI's PEM files ([`pem`]),
+//! HAProxy in front of two DMZ nodes ([`haproxy`]) and a shaped link between two network
+//! namespaces ([`netns`]).
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod haproxy;
+pub mod netns;
 pub mod pattern;
 pub mod pem;
 pub mod process;

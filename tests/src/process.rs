@@ -94,9 +94,16 @@ pub struct Captured {
 impl Captured {
     /// Starts `binary --config PATH` with `RUST_LOG=info` and no colours.
     pub fn spawn(binary: &'static str, config: &Path) -> Self {
-        let mut child = Command::new(bin(binary))
-            .arg("--config")
-            .arg(config)
+        Self::spawn_command(
+            Command::new(bin(binary)).arg("--config").arg(config),
+            binary,
+        )
+    }
+
+    /// Starts a prepared command (such as a relay binary under `ip netns exec`) the same way;
+    /// `name` names it in assertion messages.
+    pub fn spawn_command(cmd: &mut Command, name: &'static str) -> Self {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -118,7 +125,7 @@ impl Captured {
         Self {
             guard: ChildGuard { child },
             log,
-            name: binary,
+            name,
         }
     }
 
