@@ -28,11 +28,10 @@ const KEEPALIVE: Duration = Duration::from_secs(1);
 const DOWNLOAD: u8 = b'D';
 const UPLOAD: u8 = b'U';
 /// Bound on the p90 round trip of a small session behind 8 bulk sessions at 5 Mbit/s. Not the
-/// 300 ms the issue asks for: HTTP/2 serves the streams of a connection one frame (up to 16 KiB)
-/// each in turn, so a new session's answer (HEADERS, then DATA: two turns) waits behind two
-/// rounds of 8 × 16 KiB, about 420 ms at 5 Mbit/s, plus the link's own 50 ms queue
-/// (docs/DECISIONS.md, "Short send queues"). Measured p90 0.96 to 1.16 s; before the short
-/// queues 2.4 s (downloads) and 3.2 s (uploads).
+/// 300 ms the issue asks for: the kernel still lets up to 64 KiB past `TCP_NOTSENT_LOWAT` per
+/// tunnel socket, and HTTP/2 serves busy streams one 16 KiB frame each in turn
+/// (docs/DECISIONS.md, "What remains of the delay"). Measured p90 0.96 to 1.16 s; before the
+/// short queues 2.4 s (downloads) and 3.2 s (uploads).
 const P90_BOUND: Duration = Duration::from_millis(1500);
 /// Length of a bulk session that runs until the client leaves.
 const ENDLESS: u64 = u64::MAX;
