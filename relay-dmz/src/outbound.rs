@@ -28,10 +28,10 @@ use crate::Node;
 
 /// Drives one outbound carrier until it ends.
 pub async fn serve(tls: TlsStream<TunnelSocket>, agent: String, node: Arc<Node>) -> String {
-    let activity = keepalive::Activity::new();
+    let activity = tls.get_ref().0.activity();
     let mut connection = match tokio::time::timeout(
         node.tunnel.handshake_timeout,
-        h2conf::server().handshake::<_, Bytes>(keepalive::Watched::new(tls, activity.clone())),
+        h2conf::server().handshake::<_, Bytes>(tls),
     )
     .await
     {

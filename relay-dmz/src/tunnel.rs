@@ -163,9 +163,9 @@ pub async fn serve(
             );
         }
     }
-    let activity = keepalive::Activity::new();
+    let activity = tls_stream.get_ref().0.activity();
     let (send, mut connection) = match h2conf::client()
-        .handshake::<_, bytes::Bytes>(keepalive::Watched::new(tls_stream, activity.clone()))
+        .handshake::<_, bytes::Bytes>(tls_stream)
         .await
     {
         Ok(pair) => pair,

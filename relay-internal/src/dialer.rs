@@ -247,13 +247,11 @@ async fn serve_inbound(
         return Err(TunnelError::Refused(reason));
     }
     agent.record_verdicts(&node.addr, &answer.services, true, index);
-    let activity = keepalive::Activity::new();
-    let watched = keepalive::Watched::new(tls, activity.clone());
-    let mut connection =
-        tokio::time::timeout(timeout, h2conf::server().handshake::<_, Bytes>(watched))
-            .await
-            .map_err(|_| TunnelError::ConnectTimeout(timeout))?
-            .map_err(TunnelError::Http2)?;
+    let activity = tls.get_ref().0.activity();
+    let mut connection = tokio::time::timeout(timeout, h2conf::server().handshake::<_, Bytes>(tls))
+        .await
+        .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+        .map_err(TunnelError::Http2)?;
     let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
 
     metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
@@ -336,10 +334,9 @@ async fn serve_outbound(
     was_up: &mut bool,
 ) -> Result<String, TunnelError> {
     let timeout = agent.limits.connect_timeout;
-    let activity = keepalive::Activity::new();
-    let watched = keepalive::Watched::new(tls, activity.clone());
+    let activity = tls.get_ref().0.activity();
     let (send, mut connection) =
-        tokio::time::timeout(timeout, h2conf::client().handshake::<_, Bytes>(watched))
+        tokio::time::timeout(timeout, h2conf::client().handshake::<_, Bytes>(tls))
             .await
             .map_err(|_| TunnelError::ConnectTimeout(timeout))?
             .map_err(TunnelError::Http2)?;

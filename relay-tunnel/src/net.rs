@@ -10,6 +10,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::keepalive::Activity;
+
 /// Accept backlog for every listener.
 const BACKLOG: u32 = 1024;
 
@@ -91,6 +93,8 @@ pub fn tune_tunnel(stream: &TcpStream) {
 #[derive(Debug)]
 pub struct TunnelSocket {
     tcp: TcpStream,
+    /// When bytes were last read, direct or ahead: the keepalive's proof of life.
+    activity: Activity,
     /// Bytes read while a write waited, handed out before the socket is read again.
     ahead: BytesMut,
     /// The end of the stream or a read error met while reading ahead, reported after `ahead`.
@@ -103,6 +107,7 @@ impl TunnelSocket {
         tune_tunnel(&stream);
         Self {
             tcp: stream,
+            activity: Activity::new(),
             ahead: BytesMut::new(),
             ended: None,
         }
@@ -111,6 +116,11 @@ impl TunnelSocket {
     /// The TCP stream underneath.
     pub fn get_ref(&self) -> &TcpStream {
         &self.tcp
+    }
+
+    /// When this socket last read bytes, for [`crate::keepalive::run`].
+    pub fn activity(&self) -> Activity {
+        self.activity.clone()
     }
 
     /// Reads what the socket has, up to [`TUNNEL_READ_AHEAD`] held; registers `cx` to be woken
@@ -124,7 +134,7 @@ impl TunnelSocket {
                     self.ahead.reserve(16 * 1024);
                     match self.tcp.try_read_buf(&mut self.ahead) {
                         Ok(0) => self.ended = Some(Ok(())),
-                        Ok(_) => {}
+                        Ok(_) => self.activity.touch(),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => self.ended = Some(Err(e)),
                     }
@@ -174,7 +184,12 @@ impl AsyncRead for TunnelSocket {
         if let Some(ended) = this.ended.take() {
             return Poll::Ready(ended);
         }
-        Pin::new(&mut this.tcp).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        read
     }
 }
 
@@ -273,6 +288,24 @@ mod tests {
                 .iter()
                 .enumerate()
                 .all(|(i, &x)| x == (i as u8).wrapping_mul(3))
+        );
+    }
+
+    /// Reads that return bytes, direct or ahead, count as activity.
+    #[tokio::test]
+    async fn reads_that_return_bytes_are_recorded() {
+        let (mut a, b) = pair().await;
+        let activity = a.activity();
+        let mut b = b.tcp;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(activity.idle() >= Duration::from_millis(50));
+        b.write_all(b"x").await.expect("write");
+        let mut buf = [0u8; 1];
+        a.read_exact(&mut buf).await.expect("read");
+        assert!(
+            activity.idle() < Duration::from_millis(50),
+            "{:?}",
+            activity.idle()
         );
     }
 
