@@ -13,6 +13,7 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response};
 use relay_tunnel::config::ConnectRule;
 use relay_tunnel::metrics as m;
+use relay_tunnel::net::TunnelSocket;
 use relay_tunnel::protocol::{
     self, HEADER_BACKUP, HEADER_CONNECT_TIMEOUT, HEADER_DIALED, HEADER_REASON, HEADER_SERVICE,
     HEADER_SESSION, MAX_BACKUPS, Refusal,
@@ -26,11 +27,11 @@ use tracing::Instrument;
 use crate::Node;
 
 /// Drives one outbound carrier until it ends.
-pub async fn serve(tls: TlsStream<TcpStream>, agent: String, node: Arc<Node>) -> String {
-    let activity = keepalive::Activity::new();
+pub async fn serve(tls: TlsStream<TunnelSocket>, agent: String, node: Arc<Node>) -> String {
+    let activity = tls.get_ref().0.activity();
     let mut connection = match tokio::time::timeout(
         node.tunnel.handshake_timeout,
-        h2conf::server().handshake::<_, Bytes>(keepalive::Watched::new(tls, activity.clone())),
+        h2conf::server().handshake::<_, Bytes>(tls),
     )
     .await
     {

@@ -600,9 +600,13 @@ async fn open(
     // A stream that takes no more data has been refused or has failed: its answer, or the
     // error in its place, says which.
     let mut sending = true;
+    let mut pacing = pump::Pacing::default();
     for chunk in &early.chunks {
         early.exposed = true;
-        if pump::send_all(&mut send, chunk.clone()).await.is_err() {
+        if pump::send_all(&mut send, chunk.clone(), &mut pacing)
+            .await
+            .is_err()
+        {
             sending = false;
             break;
         }
@@ -615,7 +619,7 @@ async fn open(
                 match r.and_then(|()| early.read(partner)) {
                     Ok(Some(chunk)) => {
                         early.exposed = true;
-                        sending = pump::send_all(&mut send, chunk).await.is_ok();
+                        sending = pump::send_all(&mut send, chunk, &mut pacing).await.is_ok();
                     }
                     Ok(None) => {}
                     Err(e) => {

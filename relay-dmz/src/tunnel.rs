@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use relay_tunnel::keepalive;
 use relay_tunnel::metrics as m;
+use relay_tunnel::net::TunnelSocket;
 use relay_tunnel::protocol::{
     self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, Registration, RegistrationAnswer,
 };
@@ -87,7 +88,7 @@ pub async fn serve(
     handshake_permit: crate::pending::Slot,
 ) {
     let started = Instant::now();
-    relay_tunnel::net::tune_tunnel(&stream);
+    let stream = TunnelSocket::new(stream);
     let (mut tls_stream, agent, kind) = match authenticate(stream, &node, &handshake_permit).await {
         Ok(ok) => ok,
         Err(refused) => return refuse(&node, peer, &refused),
@@ -162,9 +163,9 @@ pub async fn serve(
             );
         }
     }
-    let activity = keepalive::Activity::new();
+    let activity = tls_stream.get_ref().0.activity();
     let (send, mut connection) = match h2conf::client()
-        .handshake::<_, bytes::Bytes>(keepalive::Watched::new(tls_stream, activity.clone()))
+        .handshake::<_, bytes::Bytes>(tls_stream)
         .await
     {
         Ok(pair) => pair,
@@ -290,10 +291,10 @@ enum Kind {
 pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn authenticate(
-    stream: TcpStream,
+    stream: TunnelSocket,
     node: &Node,
     slot: &crate::pending::Slot,
-) -> Result<(TlsStream<TcpStream>, String, Kind), Refused> {
+) -> Result<(TlsStream<TunnelSocket>, String, Kind), Refused> {
     let t = &node.tunnel;
     let started = Instant::now();
     let hello_timeout = HELLO_TIMEOUT.min(t.handshake_timeout);
@@ -308,13 +309,17 @@ async fn authenticate(
     slot.hello_done();
     let policy = node.policy();
     let remaining = t.handshake_timeout.saturating_sub(started.elapsed());
-    let tls_stream = tokio::time::timeout(
+    let mut tls_stream = tokio::time::timeout(
         remaining,
         start.into_stream(policy.acceptor.config().clone()),
     )
     .await
     .map_err(|_| Refused::HandshakeTimeout(t.handshake_timeout))?
     .map_err(Refused::Handshake)?;
+    tls_stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(relay_tunnel::net::TUNNEL_TLS_SEND_BUFFER));
     let (_, conn) = tls_stream.get_ref();
     let kind = match conn.alpn_protocol() {
         Some(ALPN_INBOUND_V1) => Kind::Inbound,
@@ -347,7 +352,12 @@ fn admitted(node: &Node, agent: &str) -> Result<(), Refused> {
 /// Tells an agent refused after its handshake why, in the answer to its registration (an
 /// inbound carrier; an outbound carrier is just closed), so that its log says more than "peer
 /// closed connection". Bounded by the handshake timeout.
-async fn tell_refused(mut tls: TlsStream<TcpStream>, node: &Node, kind: Kind, refused: &Refused) {
+async fn tell_refused(
+    mut tls: TlsStream<TunnelSocket>,
+    node: &Node,
+    kind: Kind,
+    refused: &Refused,
+) {
     if kind != Kind::Inbound {
         return;
     }

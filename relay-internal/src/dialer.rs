@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use relay_tunnel::backoff::Backoff;
+use relay_tunnel::net::TunnelSocket;
 use relay_tunnel::protocol::{
     self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, CONTROL_PATH, RegistrationAnswer,
 };
@@ -191,22 +192,25 @@ async fn dial(
     agent: &Agent,
     node: &DmzNode,
     kind: Kind,
-) -> Result<TlsStream<TcpStream>, TunnelError> {
+) -> Result<TlsStream<TunnelSocket>, TunnelError> {
     let timeout = agent.limits.connect_timeout;
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(node.addr.as_str()))
         .await
         .map_err(|_| TunnelError::ConnectTimeout(timeout))?
         .map_err(TunnelError::Connect)?;
-    relay_tunnel::net::tune_tunnel(&tcp);
+    let tcp = TunnelSocket::new(tcp);
     let settings = agent.settings();
     let (connector, alpn) = match kind {
         Kind::Inbound => (&settings.connector, ALPN_INBOUND_V1),
         Kind::Outbound => (&settings.connector_out, ALPN_OUTBOUND_V1),
     };
-    let tls = tokio::time::timeout(timeout, connector.connect(node.server_name.clone(), tcp))
+    let mut tls = tokio::time::timeout(timeout, connector.connect(node.server_name.clone(), tcp))
         .await
         .map_err(|_| TunnelError::ConnectTimeout(timeout))?
         .map_err(TunnelError::Tls)?;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(relay_tunnel::net::TUNNEL_TLS_SEND_BUFFER));
     if tls.get_ref().1.alpn_protocol() != Some(alpn) {
         return Err(TunnelError::Alpn);
     }
@@ -218,7 +222,7 @@ async fn serve_inbound(
     agent: &Arc<Agent>,
     node: &DmzNode,
     index: usize,
-    mut tls: TlsStream<TcpStream>,
+    mut tls: TlsStream<TunnelSocket>,
     was_up: &mut bool,
 ) -> Result<String, TunnelError> {
     let timeout = agent.limits.connect_timeout;
@@ -243,13 +247,11 @@ async fn serve_inbound(
         return Err(TunnelError::Refused(reason));
     }
     agent.record_verdicts(&node.addr, &answer.services, true, index);
-    let activity = keepalive::Activity::new();
-    let watched = keepalive::Watched::new(tls, activity.clone());
-    let mut connection =
-        tokio::time::timeout(timeout, h2conf::server().handshake::<_, Bytes>(watched))
-            .await
-            .map_err(|_| TunnelError::ConnectTimeout(timeout))?
-            .map_err(TunnelError::Http2)?;
+    let activity = tls.get_ref().0.activity();
+    let mut connection = tokio::time::timeout(timeout, h2conf::server().handshake::<_, Bytes>(tls))
+        .await
+        .map_err(|_| TunnelError::ConnectTimeout(timeout))?
+        .map_err(TunnelError::Http2)?;
     let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
 
     metrics::counter!(m::TUNNEL_CONNECTS, "result" => "ok").increment(1);
@@ -328,14 +330,13 @@ async fn serve_outbound(
     agent: &Arc<Agent>,
     node_idx: usize,
     node: &DmzNode,
-    tls: TlsStream<TcpStream>,
+    tls: TlsStream<TunnelSocket>,
     was_up: &mut bool,
 ) -> Result<String, TunnelError> {
     let timeout = agent.limits.connect_timeout;
-    let activity = keepalive::Activity::new();
-    let watched = keepalive::Watched::new(tls, activity.clone());
+    let activity = tls.get_ref().0.activity();
     let (send, mut connection) =
-        tokio::time::timeout(timeout, h2conf::client().handshake::<_, Bytes>(watched))
+        tokio::time::timeout(timeout, h2conf::client().handshake::<_, Bytes>(tls))
             .await
             .map_err(|_| TunnelError::ConnectTimeout(timeout))?
             .map_err(TunnelError::Http2)?;

@@ -4,15 +4,12 @@
 //! A PING answer on a saturated link waits behind everything queued toward us, so "no PONG
 //! within the interval" would kill a busy, healthy tunnel (docs/DECISIONS.md, "Liveness").
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use h2::{Ping, PingPong};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 /// Why a keepalive loop ended.
@@ -26,7 +23,8 @@ pub enum KeepaliveError {
     Failed(#[from] h2::Error),
 }
 
-/// When a connection last received bytes; shared by the connection's reader ([`Watched`]) and
+/// When a connection last received bytes; shared by the connection's socket
+/// ([`crate::net::TunnelSocket`]) and
 /// its keepalive loop.
 #[derive(Debug, Clone)]
 pub struct Activity {
@@ -44,7 +42,7 @@ impl Activity {
         }
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.fetch_max(now, Ordering::Relaxed);
     }
@@ -59,65 +57,6 @@ impl Activity {
 impl Default for Activity {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// An IO stream that records in an [`Activity`] every read that returned bytes.
-#[derive(Debug)]
-pub struct Watched<T> {
-    inner: T,
-    activity: Activity,
-}
-
-impl<T> Watched<T> {
-    /// Wraps `inner`; its reads are recorded in `activity`.
-    pub fn new(inner: T, activity: Activity) -> Self {
-        Self { inner, activity }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -234,23 +173,5 @@ mod tests {
         if let Ok(e) = tokio::time::timeout(INTERVAL * 15, keepalive).await {
             panic!("a peer sending every interval was declared dead: {e}");
         }
-    }
-
-    #[tokio::test]
-    async fn reads_that_return_bytes_are_recorded() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (a, mut b) = tokio::io::duplex(64);
-        let activity = Activity::new();
-        let mut watched = Watched::new(a, activity.clone());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(activity.idle() >= Duration::from_millis(50));
-        b.write_all(b"x").await.expect("write");
-        let mut buf = [0u8; 1];
-        watched.read_exact(&mut buf).await.expect("read");
-        assert!(
-            activity.idle() < Duration::from_millis(50),
-            "{:?}",
-            activity.idle()
-        );
     }
 }

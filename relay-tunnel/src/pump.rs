@@ -172,13 +172,22 @@ async fn copy_both_ways(
     let to_socket = AtomicU64::new(0);
 
     let up = async {
+        let mut pacing = Pacing::default();
         if !prefix.is_empty() {
             let n = prefix.len() as u64;
-            send_all(&mut send, prefix).await?;
+            send_all(&mut send, prefix, &mut pacing).await?;
             counters.to_stream.increment(n);
             to_stream.fetch_add(n, Ordering::Relaxed);
         }
-        let r = socket_to_stream(tcp, &mut send, &counters.to_stream, &to_stream, &touch).await;
+        let r = socket_to_stream(
+            tcp,
+            &mut send,
+            &mut pacing,
+            &counters.to_stream,
+            &to_stream,
+            &touch,
+        )
+        .await;
         ended(&r);
         r
     };
@@ -270,6 +279,7 @@ pub async fn pump_on(
 async fn socket_to_stream(
     tcp: &TcpStream,
     send: &mut SendStream<Bytes>,
+    pacing: &mut Pacing,
     counter: &metrics::Counter,
     total: &AtomicU64,
     touch: &impl Fn(),
@@ -288,7 +298,7 @@ async fn socket_to_stream(
             }
             Ok(n) => {
                 touch();
-                send_all(send, buf.split().freeze()).await?;
+                send_all(send, buf.split().freeze(), pacing).await?;
                 counter.increment(n as u64);
                 total.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -298,22 +308,60 @@ async fn socket_to_stream(
     }
 }
 
-/// Sends `data` as the peer's window admits it.
-pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), PumpError> {
+/// Largest DATA frame a session queues while its tunnel connection is slower than its
+/// sessions. HTTP/2 serves the busy streams of a connection one frame each in turn, so the
+/// frame size sets how long a new session's frames wait behind bulk ones: 8 busy streams of
+/// 16 KiB frames are 210 ms at 5 Mbit/s, of 2 KiB frames 26 ms (docs/DECISIONS.md, "Short send
+/// queues").
+pub const SLOW_LINK_FRAME: usize = 2 * 1024;
+/// A wait for room in the connection at least this long means the link is slower than the
+/// session: it queues frames of [`SLOW_LINK_FRAME`] until a wait is shorter again. On loopback
+/// and fast links waits are microseconds.
+pub const SLOW_LINK_WAIT: Duration = Duration::from_millis(20);
+
+/// How one session cuts its bytes into DATA frames: whole reads while the connection takes
+/// them at once, [`SLOW_LINK_FRAME`] while the session waits for room.
+#[derive(Debug, Default)]
+pub struct Pacing {
+    slow: bool,
+}
+
+impl Pacing {
+    fn frame(&self) -> usize {
+        if self.slow {
+            SLOW_LINK_FRAME
+        } else {
+            usize::MAX
+        }
+    }
+
+    fn waited(&mut self, wait: Duration) {
+        self.slow = wait >= SLOW_LINK_WAIT;
+    }
+}
+
+/// Sends `data` as the peer's window admits it, in frames `pacing` chooses.
+pub async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    pacing: &mut Pacing,
+) -> Result<(), PumpError> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let mut granted = send.capacity();
         if granted == 0 {
+            let waiting = Instant::now();
             granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Err(PumpError::Stream(e)),
                 None => return Err(stream_gone(send).await),
             };
+            pacing.waited(waiting.elapsed());
         }
         if granted == 0 {
             continue;
         }
-        let chunk = data.split_to(granted.min(data.len()));
+        let chunk = data.split_to(granted.min(data.len()).min(pacing.frame()));
         send.send_data(chunk, false).map_err(PumpError::Stream)?;
     }
     Ok(())

@@ -378,9 +378,21 @@ pub async fn start_agent(pki: &Pki, opts: &AgentOptions) -> InProcess {
     );
     let config =
         relay_internal::AgentConfig::load(&path).unwrap_or_else(|e| panic!("agent config: {e}"));
-    let admin = tokio::net::TcpListener::bind(opts.admin)
-        .await
-        .expect("bind agent admin");
+    // An agent started again on the same admin address (a test's restart cycles) may find the
+    // previous one's listener not yet closed by the kernel: a second, not a test failure.
+    let started = Instant::now();
+    let admin = loop {
+        match tokio::net::TcpListener::bind(opts.admin).await {
+            Ok(listener) => break listener,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && started.elapsed() < Duration::from_secs(2) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("bind agent admin {}: {e}", opts.admin),
+        }
+    };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay_internal::run(config, Some(admin), shutdown.clone()));
     InProcess {
