@@ -264,26 +264,8 @@ fn default_memory_budget() -> u64 {
 
 /// Parses one rule set: `TABLE.listen_allow` and `TABLE.connect_allow`.
 fn rules(err: &mut ConfigError, table: &str, listen: &[String], connect: &[String]) -> Rules {
-    let listen_allow = listen
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            err.check(
-                format_args!("{table}.listen_allow[{i}]"),
-                r.parse::<AddrRule>(),
-            )
-        })
-        .collect();
-    let connect_allow = connect
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            err.check(
-                format_args!("{table}.connect_allow[{i}]"),
-                r.parse::<ConnectRule>(),
-            )
-        })
-        .collect();
+    let listen_allow = err.parse_each::<AddrRule>(&format!("{table}.listen_allow"), listen);
+    let connect_allow = err.parse_each::<ConnectRule>(&format!("{table}.connect_allow"), connect);
     Rules {
         listen_allow,
         connect_allow,

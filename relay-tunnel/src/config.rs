@@ -57,6 +57,19 @@ impl ConfigError {
     ) -> Option<T> {
         parsed.map_err(|e| self.push(key, e)).ok()
     }
+
+    /// Each of `items` parsed; one that fails is recorded at `key[i]` and left out.
+    pub fn parse_each<T>(&mut self, key: &str, items: &[String]) -> Vec<T>
+    where
+        T: std::str::FromStr,
+        T::Err: fmt::Display,
+    {
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| self.check(format_args!("{key}[{i}]"), item.parse::<T>()))
+            .collect()
+    }
 }
 
 /// The other binary's config, recognised by top-level keys only it has, so that a config given

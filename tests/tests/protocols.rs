@@ -216,6 +216,33 @@ async fn run_client(cmd: &mut tokio::process::Command, server: &Server) -> Ran {
 }
 
 /// MiB/s for `bytes` moved in `elapsed`.
+/// nginx in the foreground, prefixed to `dir` (its `www/files`, `bodies` and `tmp` made here),
+/// with `config` as `dir/nginx.conf`, once it accepts on 127.0.0.1:`port`.
+async fn run_nginx(dir: &Path, config: &str, port: u16) -> Server {
+    let nginx = require("nginx", "nginx");
+    for sub in ["www/files", "bodies", "tmp"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("create nginx dir");
+    }
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, config).expect("write nginx.conf");
+    let mut server = Server::spawn(
+        "nginx",
+        Command::new(nginx)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off; master_process off;"]),
+        dir.join("error.log"),
+    );
+    server
+        .wait_ready(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await;
+    server
+}
+
 fn rate(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64().max(1e-6)
 }

@@ -57,10 +57,6 @@ async fn agent_sessions(admin: SocketAddr) -> f64 {
 /// nginx on 127.0.0.1:`port` serving `name` with its own certificate: `GET /files/NAME.bin`
 /// and `POST /upload` (bodies kept in `bodies/`).
 async fn start_nginx(dir: &Path, port: u16, name: &str, ca: &Ca) -> Server {
-    let nginx = require("nginx", "nginx");
-    for sub in ["www/files", "bodies", "tmp"] {
-        std::fs::create_dir_all(dir.join(sub)).expect("create nginx dir");
-    }
     let leaf = ca.issue(&LeafSpec::server(&[name])).expect("issue leaf");
     std::fs::write(dir.join("cert.pem"), leaf.cert_pem).expect("write cert");
     std::fs::write(dir.join("key.pem"), leaf.key_pem).expect("write key");
@@ -98,22 +94,7 @@ http {{
 }}
 "#
     );
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, config).expect("write nginx.conf");
-    let mut server = Server::spawn(
-        "nginx",
-        Command::new(nginx)
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off; master_process off;"]),
-        dir.join("error.log"),
-    );
-    server.wait_ready(local(port)).await;
-    server
+    run_nginx(dir, &config, port).await
 }
 
 /// A ClientHello for `name`, as rustls writes it.

@@ -32,10 +32,6 @@ fn write_certs(dir: &Path) -> PathBuf {
 /// SNI fails verification), the `as2.partner.test` server with a static file under `/files/`
 /// and `/as2` which keeps every POST body in `bodies/` (passed to a local 200 responder).
 async fn start_nginx(dir: &Path, port: u16) -> Server {
-    let nginx = require("nginx", "nginx");
-    for sub in ["www/files", "bodies", "tmp"] {
-        std::fs::create_dir_all(dir.join(sub)).expect("create nginx dir");
-    }
     let sink = free_port();
     let d = dir.display();
     let config = format!(
@@ -81,24 +77,7 @@ http {{
 }}
 "#
     );
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, config).expect("write nginx.conf");
-    let mut server = Server::spawn(
-        "nginx",
-        Command::new(nginx)
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off; master_process off;"]),
-        dir.join("error.log"),
-    );
-    server
-        .wait_ready(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await;
-    server
+    run_nginx(dir, &config, port).await
 }
 
 /// Through the relay, curl (SNI `as2.partner.test`, certificate verified against the test CA,
