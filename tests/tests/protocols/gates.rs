@@ -3,7 +3,6 @@
 //! ClientHello's server name without terminating TLS. Real nginx, curl, OpenSSH.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 
 use relay_certs::{Ca, LeafSpec};
 
