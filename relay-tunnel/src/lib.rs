@@ -1,7 +1,8 @@
 //! Pieces shared by `relay-dmz` and `relay-internal`: TLS setup and identity checks, the tunnel
 //! protocol (ALPN roles, stream metadata, registration messages), HTTP/2 settings, the byte
 //! pump, config building blocks, metric names and telemetry setup.
-#![forbid(unsafe_code)]
+// One `unsafe` function, `net::bytes_acked` (reads `TCP_INFO`); see docs/DECISIONS.md.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod backoff;

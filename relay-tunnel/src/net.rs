@@ -3,6 +3,7 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -89,11 +90,16 @@ pub fn tune_tunnel(stream: &TcpStream) {
 ///   ends could wait for the other to read, for ever (libp2p/rust-yamux#227 has the same
 ///   shape). Reading ahead lets the peer's write, and so its reads, go on.
 ///
-/// See docs/DECISIONS.md, "Short send queues".
+/// It also feeds the keepalive's proof of life ([`Activity`]): the time of the last read that
+/// returned bytes, and the socket itself, whose acknowledged bytes the keepalive reads
+/// ([`bytes_acked`]).
+///
+/// See docs/DECISIONS.md, "Short send queues" and "Liveness".
 #[derive(Debug)]
 pub struct TunnelSocket {
-    tcp: TcpStream,
-    /// When bytes were last read, direct or ahead: the keepalive's proof of life.
+    /// Shared only with [`Activity`], which holds it weakly: the socket closes with this.
+    tcp: Arc<TcpStream>,
+    /// When bytes were last read, direct or ahead, and the socket's acknowledged bytes.
     activity: Activity,
     /// Bytes read while a write waited, handed out before the socket is read again.
     ahead: BytesMut,
@@ -105,9 +111,10 @@ impl TunnelSocket {
     /// Tunes `stream` ([`tune_tunnel`]) and wraps it.
     pub fn new(stream: TcpStream) -> Self {
         tune_tunnel(&stream);
+        let tcp = Arc::new(stream);
         Self {
-            tcp: stream,
-            activity: Activity::new(),
+            activity: Activity::of(&tcp),
+            tcp,
             ahead: BytesMut::new(),
             ended: None,
         }
@@ -118,7 +125,7 @@ impl TunnelSocket {
         &self.tcp
     }
 
-    /// When this socket last read bytes, for [`crate::keepalive::run`].
+    /// The peer's signs of life on this socket, for [`crate::keepalive::run`].
     pub fn activity(&self) -> Activity {
         self.activity.clone()
     }
@@ -158,7 +165,11 @@ impl TunnelSocket {
             });
             match sent {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
+                Ok(n) => {
+                    self.activity.wrote(n);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -184,12 +195,20 @@ impl AsyncRead for TunnelSocket {
         if let Some(ended) = this.ended.take() {
             return Poll::Ready(ended);
         }
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity.touch();
+        loop {
+            std::task::ready!(this.tcp.poll_read_ready(cx))?;
+            let before = buf.filled().len();
+            match this.tcp.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(_) => {
+                    if buf.filled().len() > before {
+                        this.activity.touch();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+            }
         }
-        read
     }
 }
 
@@ -218,9 +237,48 @@ impl AsyncWrite for TunnelSocket {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(shutdown_write(&self.tcp))
     }
+}
+
+/// Bytes of ours that the peer acknowledged on `tcp` (`tcpi_bytes_acked` of `TCP_INFO`), or
+/// `None` where the kernel does not say (not Linux, before 4.2). The keepalive counts their
+/// growth as a sign of life: the peer's kernel took our data (docs/DECISIONS.md, "Liveness").
+///
+/// The one `unsafe` of the project: no maintained crate reads `TCP_INFO` without bindgen.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn bytes_acked(tcp: &TcpStream) -> Option<u64> {
+    use std::mem::{MaybeUninit, offset_of, size_of};
+    use std::os::fd::AsRawFd;
+    let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).ok()?;
+    // SAFETY: `info` is `len` writable bytes and `len` a valid `socklen_t`; the kernel writes at
+    // most `len` bytes of `struct tcp_info` and the length it wrote. The descriptor belongs to
+    // `tcp`, borrowed for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let written = usize::try_from(len).ok()?;
+    if rc != 0 || written < offset_of!(libc::tcp_info, tcpi_bytes_received) {
+        return None;
+    }
+    // SAFETY: zeroed, then partly written by the kernel; every field is an integer, valid for
+    // any bytes.
+    Some(unsafe { info.assume_init() }.tcpi_bytes_acked)
+}
+
+/// Bytes of ours that the peer acknowledged: not known on this system.
+#[cfg(not(target_os = "linux"))]
+pub fn bytes_acked(_: &TcpStream) -> Option<u64> {
+    None
 }
 
 /// Makes the next close of this socket send a TCP RST instead of a FIN.
@@ -239,8 +297,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Two tunnel sockets on loopback with small kernel buffers.
-    async fn pair() -> (TunnelSocket, TunnelSocket) {
+    /// A tunnel socket and its peer, a plain TCP stream, on loopback with small kernel buffers.
+    async fn pair() -> (TunnelSocket, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let socket = TcpSocket::new_v4().expect("socket");
         socket.set_send_buffer_size(16 * 1024).expect("sndbuf");
@@ -255,7 +313,7 @@ mod tests {
             s.set_send_buffer_size(16 * 1024).expect("sndbuf");
             s.set_recv_buffer_size(16 * 1024).expect("rcvbuf");
         }
-        (TunnelSocket::new(a), TunnelSocket::new(b))
+        (TunnelSocket::new(a), b)
     }
 
     /// Each end writes 256 KiB before it reads anything: more than the kernel's buffers hold
@@ -266,6 +324,7 @@ mod tests {
     async fn ends_that_write_before_they_read_do_not_wait_for_each_other() {
         const LEN: usize = 256 * 1024;
         let (a, b) = pair().await;
+        let b = TunnelSocket::new(b);
         let exchange = |mut s: TunnelSocket, seed: u8| async move {
             let out: Vec<u8> = (0..LEN).map(|i| (i as u8).wrapping_mul(seed)).collect();
             s.write_all(&out).await.expect("write");
@@ -294,9 +353,8 @@ mod tests {
     /// Reads that return bytes, direct or ahead, count as activity.
     #[tokio::test]
     async fn reads_that_return_bytes_are_recorded() {
-        let (mut a, b) = pair().await;
+        let (mut a, mut b) = pair().await;
         let activity = a.activity();
-        let mut b = b.tcp;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(activity.idle() >= Duration::from_millis(50));
         b.write_all(b"x").await.expect("write");
@@ -309,29 +367,73 @@ mod tests {
         );
     }
 
-    /// End of stream and bytes read ahead reach the reader in order.
-    #[tokio::test]
-    async fn the_end_of_stream_comes_after_the_bytes_read_ahead() {
-        let (mut a, b) = pair().await;
-        let mut b = b.tcp;
-        b.write_all(b"last words").await.expect("write");
-        b.shutdown().await.expect("shutdown");
-        // Fill a's send side until a write waits, which reads ahead.
+    /// Writes until one waits for room; how many bytes went in.
+    async fn fill(s: &mut TunnelSocket) -> usize {
         let chunk = vec![0u8; 64 * 1024];
-        let filled = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut total = 0;
+        tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                let n = std::future::poll_fn(|cx| match Pin::new(&mut a).poll_write(cx, &chunk) {
+                let n = std::future::poll_fn(|cx| match Pin::new(&mut *s).poll_write(cx, &chunk) {
                     Poll::Pending => Poll::Ready(None),
                     other => other.map(|r| Some(r.expect("write"))),
                 })
                 .await;
-                if n.is_none() {
-                    break;
+                match n {
+                    Some(n) => total += n,
+                    None => break,
                 }
             }
         })
-        .await;
-        assert!(filled.is_ok(), "a's writes never waited");
+        .await
+        .expect("the writes never waited");
+        total
+    }
+
+    /// Bytes the peer's kernel acknowledged count as activity when the keepalive looks, though
+    /// nothing was read and the peer's process read nothing either; no new acknowledgement, no
+    /// activity.
+    #[tokio::test]
+    async fn acknowledged_bytes_are_recorded_when_looked_at() {
+        let (mut a, _b) = pair().await;
+        let activity = a.activity();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        activity.refresh();
+        assert!(
+            activity.idle() >= Duration::from_millis(100),
+            "nothing sent, yet counted: {:?}",
+            activity.idle()
+        );
+        let mark = activity.written();
+        a.write_all(b"taken by the peer's kernel").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        activity.refresh();
+        assert!(activity.acknowledged(mark), "the write is acknowledged");
+        assert!(
+            activity.since_read() >= Duration::from_millis(150),
+            "nothing was read"
+        );
+        assert!(
+            activity.idle() < Duration::from_millis(50),
+            "{:?}",
+            activity.idle()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        activity.refresh();
+        assert!(
+            activity.idle() >= Duration::from_millis(100),
+            "no new acknowledgement, yet counted: {:?}",
+            activity.idle()
+        );
+    }
+
+    /// End of stream and bytes read ahead reach the reader in order.
+    #[tokio::test]
+    async fn the_end_of_stream_comes_after_the_bytes_read_ahead() {
+        let (mut a, mut b) = pair().await;
+        b.write_all(b"last words").await.expect("write");
+        b.shutdown().await.expect("shutdown");
+        // Fill a's send side until a write waits, which reads ahead.
+        fill(&mut a).await;
         let mut got = Vec::new();
         a.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"last words");
