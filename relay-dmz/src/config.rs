@@ -72,6 +72,8 @@ struct RawTunnel {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: String,
+    token_file: Option<String>,
+    metrics_open: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +148,8 @@ pub struct DmzConfig {
     pub keepalive: Duration,
     /// Admin endpoint address.
     pub admin_listen: Option<SocketAddr>,
+    /// Who may use the admin endpoint (`admin.token_file`, `admin.metrics_open`).
+    pub admin_access: relay_tunnel::admin::Access,
     /// Replaces the address part of every service's listen address.
     pub public_bind: Option<IpAddr>,
     /// What each agent identity may open, join and have dialed (`policy.listen_allow`,
@@ -346,6 +350,18 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
                 .map_err(|_| format!("invalid socket address {:?}", a.listen)),
         )
     });
+    let admin_access = raw
+        .admin
+        .as_ref()
+        .map(|a| {
+            relay_tunnel::admin::Access::from_config(
+                &mut err,
+                base,
+                a.token_file.as_deref(),
+                a.metrics_open,
+            )
+        })
+        .unwrap_or_default();
     let public_bind = raw.public.bind.as_ref().and_then(|b| {
         err.check(
             "public.bind",
@@ -500,6 +516,7 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         agents: raw.tunnel.agents,
         keepalive,
         admin_listen,
+        admin_access,
         public_bind,
         rights,
         trusted_proxies,

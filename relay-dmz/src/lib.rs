@@ -121,6 +121,8 @@ pub struct Node {
     pub(crate) log_limit: relay_tunnel::ratelog::RateLimit,
     /// Cancelled when the node starts draining.
     pub(crate) draining: CancellationToken,
+    /// Who may use the admin endpoint; replaced on reload.
+    pub(crate) admin: Arc<admin::Guard>,
 }
 
 impl Node {
@@ -171,6 +173,7 @@ pub async fn run(
     // Stopped when this function returns, after every tunnel and session has ended.
     let shards = Shards::per_core("relay-dmz-shard")?;
     let policy = Arc::new(Policy::from_config(&config));
+    let admin_guard = admin::Guard::new(config.admin_access.clone());
     let node = Arc::new(Node {
         registry: Registry::new(
             config.public_bind,
@@ -194,6 +197,7 @@ pub async fn run(
         config: std::sync::Mutex::new(config),
         draining: CancellationToken::new(),
         log_limit: relay_tunnel::ratelog::RateLimit::new(Duration::from_secs(1)),
+        admin: admin_guard.clone(),
     });
     tokio::spawn(node.admission.clone().watch_memory(shutdown.clone()));
     if let Some(l) = &listeners.admin {
@@ -202,6 +206,7 @@ pub async fn run(
     let (reload_node, ready_node) = (node.clone(), node.clone());
     let control = admin::start(
         listeners.admin,
+        admin_guard,
         Arc::new(move || ready_node.readiness()),
         Arc::new(move || reload::reload(&reload_node)),
         metrics,

@@ -35,6 +35,7 @@ fn apply(node: &Node) -> Result<String, String> {
     if format!("{:?}", new.limits) != format!("{:?}", current.limits) {
         restart.push("limits");
     }
+    node.admin.set(new.admin_access.clone());
     let policy = Arc::new(Policy::from_config(&new));
     *node.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
     let withdrawn = node

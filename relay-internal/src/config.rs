@@ -79,6 +79,8 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: String,
+    token_file: Option<String>,
+    metrics_open: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,6 +370,8 @@ pub struct AgentConfig {
     pub tls: Arc<rustls::ClientConfig>,
     /// Admin endpoint address.
     pub admin_listen: Option<SocketAddr>,
+    /// Who may use the admin endpoint (`admin.token_file`, `admin.metrics_open`).
+    pub admin_access: relay_tunnel::admin::Access,
     /// Limits and timeouts.
     pub limits: Limits,
     /// Inbound services.
@@ -595,6 +599,18 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
                 .map_err(|_| format!("invalid socket address {:?}", a.listen)),
         )
     });
+    let admin_access = raw
+        .admin
+        .as_ref()
+        .map(|a| {
+            relay_tunnel::admin::Access::from_config(
+                &mut err,
+                base,
+                a.token_file.as_deref(),
+                a.metrics_open,
+            )
+        })
+        .unwrap_or_default();
     let l = &raw.limits;
     let max_sessions = l.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
     if max_sessions == 0 {
@@ -764,6 +780,7 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         outbound_proxy,
         source: None,
         admin_listen,
+        admin_access,
         limits,
         inbound,
     })

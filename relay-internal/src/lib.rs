@@ -64,6 +64,8 @@ pub struct Agent {
     /// The DMZ nodes' latest verdicts: node, then service, then the reason when rejected.
     verdicts: Mutex<HashMap<String, std::collections::BTreeMap<String, Option<String>>>>,
     config: Mutex<AgentConfig>,
+    /// Who may use the admin endpoint; replaced on reload.
+    pub(crate) admin: Arc<admin::Guard>,
 }
 
 /// The part of the config a reload replaces: TLS material and inbound services.
@@ -245,6 +247,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let metrics = relay_tunnel::telemetry::metrics_handle();
+    let admin_guard = admin::Guard::new(config.admin_access.clone());
     let agent = Arc::new(Agent {
         instance: format!("{:016x}", fastrand::u64(..)),
         settings: tokio::sync::watch::Sender::new(Arc::new(Settings::from_config(&config))),
@@ -263,6 +266,7 @@ pub async fn run(
         verdicts: Mutex::default(),
         log_limit: relay_tunnel::ratelog::RateLimit::new(std::time::Duration::from_secs(1)),
         config: Mutex::new(config.clone()),
+        admin: admin_guard.clone(),
     });
     // Bind the engine-facing listeners first: a taken port is a startup error, not a log line,
     // and it returns before any task (admin endpoint, reload signal) is started.
@@ -291,6 +295,7 @@ pub async fn run(
     let ready_agent = agent.clone();
     let control = admin::start(
         admin_listener,
+        admin_guard,
         Arc::new(move || ready_agent.readiness()),
         Arc::new(move || reload::reload(&reload_agent)),
         metrics,

@@ -35,6 +35,7 @@ fn apply(agent: &Agent) -> Result<String, String> {
         restart.push("outbound/outbound_proxy");
     }
     let services_changed = differs(&new.inbound, &current.inbound);
+    agent.admin.set(new.admin_access.clone());
     agent
         .settings
         .send_replace(Arc::new(Settings::from_config(&new)));

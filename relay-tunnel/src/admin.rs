@@ -1,7 +1,11 @@
-//! The admin endpoint both binaries serve: `GET /livez`, `GET /readyz`, `GET /metrics`.
+//! The admin endpoint both binaries serve: `GET /livez`, `GET /readyz`, `GET /metrics`,
+//! `POST /reload`; with `admin.token_file`, everything but `/livez` and `/readyz` needs the
+//! token as `Authorization: Bearer TOKEN`.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,12 +19,151 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::ConfigError;
+use crate::ratelog::RateLimit;
+
 /// Concurrent admin connections served; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one admin connection may stay open.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Fewest bytes a token may have.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The admin endpoint's bearer token, read from `admin.token_file`. `Debug` shows none of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(Arc<[u8]>);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+impl Token {
+    /// Reads a token file: its content without surrounding whitespace, at least
+    /// [`MIN_TOKEN_LEN`] visible ASCII characters.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let token = bytes.trim_ascii();
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "{}: the token has {} characters; at least {MIN_TOKEN_LEN} are needed",
+                path.display(),
+                token.len()
+            ));
+        }
+        if !token.iter().all(u8::is_ascii_graphic) {
+            return Err(format!(
+                "{}: the token may hold only visible ASCII characters (no spaces)",
+                path.display()
+            ));
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// Whether `offered` is this token, compared in constant time.
+    fn matches(&self, offered: &[u8]) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.0[..], offered).into()
+    }
+}
+
+/// Who may use the admin endpoint beyond `/livez` and `/readyz`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Required as `Authorization: Bearer TOKEN`; without one the endpoint is open.
+    pub token: Option<Token>,
+    /// `/metrics` answers without the token.
+    pub metrics_open: bool,
+}
+
+impl Access {
+    /// The `[admin]` keys `token_file` (relative to `base`) and `metrics_open`; a problem goes to
+    /// `err` under its key.
+    pub fn from_config(
+        err: &mut ConfigError,
+        base: &Path,
+        token_file: Option<&str>,
+        metrics_open: Option<bool>,
+    ) -> Self {
+        let token = token_file.and_then(|f| {
+            err.check(
+                "admin.token_file",
+                Token::read(&crate::config::resolve(base, f)),
+            )
+        });
+        if metrics_open.is_some() && token_file.is_none() {
+            err.push(
+                "admin.metrics_open",
+                "only means something with admin.token_file (without it everything is open)",
+            );
+        }
+        Self {
+            token,
+            metrics_open: metrics_open.unwrap_or(false),
+        }
+    }
+}
+
+/// The access rules in force; a reload replaces them.
+#[derive(Debug)]
+pub struct Guard {
+    access: RwLock<Access>,
+    log_limit: RateLimit,
+}
+
+impl Guard {
+    /// Rules `access`, until [`Guard::set`].
+    pub fn new(access: Access) -> Arc<Self> {
+        Arc::new(Self {
+            access: RwLock::new(access),
+            log_limit: RateLimit::new(Duration::from_secs(10)),
+        })
+    }
+
+    /// The rules in force.
+    pub fn access(&self) -> Access {
+        self.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the rules (on reload).
+    pub fn set(&self, access: Access) {
+        *self.access.write().unwrap_or_else(|p| p.into_inner()) = access;
+    }
+
+    /// Whether a request for `path` with `headers` may be answered; else the reason label.
+    fn allows(&self, path: &str, headers: &http::HeaderMap) -> Result<(), &'static str> {
+        if matches!(path, "/livez" | "/readyz") {
+            return Ok(());
+        }
+        let access = self.access.read().unwrap_or_else(|p| p.into_inner());
+        let Some(token) = &access.token else {
+            return Ok(());
+        };
+        if path == "/metrics" && access.metrics_open {
+            return Ok(());
+        }
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Err("missing");
+        };
+        let value = value.as_bytes();
+        let offered = value
+            .iter()
+            .position(|&b| b == b' ')
+            .map(|space| value.split_at(space))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer"))
+            .map(|(_, rest)| rest.trim_ascii());
+        match offered {
+            Some(offered) if token.matches(offered) => Ok(()),
+            _ => Err("invalid"),
+        }
+    }
+}
 
 /// Answers `/readyz`: `Ok` when ready, else the one-line reason.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -51,6 +194,7 @@ pub struct Control {
 /// probes and scrapes are answered, and the sessions that end, counted, while the binary drains.
 pub fn start(
     listener: Option<TcpListener>,
+    guard: Arc<Guard>,
     ready: Readiness,
     reload: Reloader,
     metrics: PrometheusHandle,
@@ -65,7 +209,14 @@ pub fn start(
         stop.clone(),
     ));
     if let Some(l) = listener {
-        tasks.spawn(serve(l, ready, Some(reload), metrics, stop.clone()));
+        let open_beyond_host = l.local_addr().is_ok_and(|a| !a.ip().is_loopback());
+        if open_beyond_host && guard.access().token.is_none() {
+            tracing::warn!(
+                "admin endpoint on a non-loopback address without admin.token_file: /metrics and \
+                 every other path answer anyone who can reach it"
+            );
+        }
+        tasks.spawn(serve(l, guard, ready, Some(reload), metrics, stop.clone()));
     }
     tasks.close();
     Control { stop, tasks }
@@ -82,6 +233,7 @@ impl Control {
 /// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
 async fn serve(
     listener: TcpListener,
+    guard: Arc<Guard>,
     ready: Readiness,
     reload: Option<Reloader>,
     metrics: PrometheusHandle,
@@ -101,6 +253,7 @@ async fn serve(
         // Reload changes the running config: only from this host (SIGHUP or a local POST),
         // even when the admin endpoint listens on every interface for probes and scrapes.
         let local = peer.ip().is_loopback();
+        let guard = guard.clone();
         let ready = ready.clone();
         let reload = reload.clone();
         let metrics = metrics.clone();
@@ -109,6 +262,8 @@ async fn serve(
             let service = hyper::service::service_fn(move |req| {
                 let response = route(
                     &req,
+                    peer,
+                    &guard,
                     &ready,
                     reload.as_ref().filter(|_| local),
                     local,
@@ -131,11 +286,26 @@ async fn serve(
 
 fn route(
     req: &Request<Incoming>,
+    peer: std::net::SocketAddr,
+    guard: &Guard,
     ready: &Readiness,
     reload: Option<&Reloader>,
     local: bool,
     metrics: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
+    if let Err(reason) = guard.allows(req.uri().path(), req.headers()) {
+        metrics::counter!(crate::metrics::ADMIN_REJECTIONS, "reason" => reason).increment(1);
+        if let Some(suppressed) = guard.log_limit.check(reason) {
+            tracing::warn!(%peer, reason, suppressed, "admin request without a valid token refused");
+        }
+        // Nothing about the node: not even whether the path exists.
+        let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n".into());
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
     if req.uri().path() == "/reload" {
         return match (req.method(), reload) {
             (&Method::POST, Some(reload)) => match reload() {
@@ -175,4 +345,110 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "0123456789abcdef-secret";
+
+    fn token_file(content: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(f.path(), content).expect("write");
+        f
+    }
+
+    fn headers(authorization: Option<&str>) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        if let Some(a) = authorization {
+            h.insert(
+                http::header::AUTHORIZATION,
+                a.parse().expect("header value"),
+            );
+        }
+        h
+    }
+
+    fn guard(metrics_open: bool) -> Arc<Guard> {
+        let f = token_file(&format!("{TOKEN}\n"));
+        Guard::new(Access {
+            token: Some(Token::read(f.path()).expect("token")),
+            metrics_open,
+        })
+    }
+
+    #[test]
+    fn token_files_are_trimmed_and_checked() {
+        let f = token_file(&format!("  {TOKEN}\r\n"));
+        assert!(
+            Token::read(f.path())
+                .expect("token")
+                .matches(TOKEN.as_bytes())
+        );
+        let short = token_file("too-short\n");
+        let e = Token::read(short.path()).expect_err("short");
+        assert!(e.contains("at least 16"), "{e}");
+        let spaced = token_file("0123456789 abcdef");
+        let e = Token::read(spaced.path()).expect_err("space");
+        assert!(e.contains("visible ASCII"), "{e}");
+        let e = Token::read(Path::new("/nonexistent/token")).expect_err("missing");
+        assert!(e.contains("/nonexistent/token"), "{e}");
+        assert_eq!(
+            format!("{:?}", Token::read(f.path()).expect("token")),
+            "Token(..)"
+        );
+    }
+
+    #[test]
+    fn probes_are_open_and_the_rest_needs_the_token() {
+        let g = guard(false);
+        for path in ["/livez", "/readyz"] {
+            assert_eq!(g.allows(path, &headers(None)), Ok(()), "{path}");
+        }
+        for path in ["/metrics", "/reload", "/nothing-here"] {
+            assert_eq!(g.allows(path, &headers(None)), Err("missing"), "{path}");
+            assert_eq!(
+                g.allows(path, &headers(Some("Bearer wrong-token-0123456"))),
+                Err("invalid"),
+                "{path}"
+            );
+            assert_eq!(
+                g.allows(path, &headers(Some(&format!("Basic {TOKEN}")))),
+                Err("invalid"),
+                "{path}"
+            );
+            assert_eq!(
+                g.allows(path, &headers(Some(&format!("bearer {TOKEN}")))),
+                Ok(()),
+                "{path}"
+            );
+        }
+        let g = guard(true);
+        assert_eq!(g.allows("/metrics", &headers(None)), Ok(()));
+        assert_eq!(g.allows("/reload", &headers(None)), Err("missing"));
+    }
+
+    #[test]
+    fn without_a_token_everything_is_open_and_a_reload_can_set_one() {
+        let g = Guard::new(Access::default());
+        assert_eq!(g.allows("/metrics", &headers(None)), Ok(()));
+        g.set(guard(false).access());
+        assert_eq!(g.allows("/metrics", &headers(None)), Err("missing"));
+    }
+
+    #[test]
+    fn metrics_open_without_a_token_file_is_a_config_error() {
+        let mut err = ConfigError::default();
+        Access::from_config(&mut err, Path::new("/"), None, Some(true));
+        let e = err.into_result(|| ()).expect_err("error").to_string();
+        assert!(e.contains("admin.metrics_open"), "{e}");
+        let mut err = ConfigError::default();
+        Access::from_config(&mut err, Path::new("/"), Some("/nonexistent/token"), None);
+        let e = err.into_result(|| ()).expect_err("error").to_string();
+        assert!(
+            e.contains("admin.token_file") && e.contains("/nonexistent/token"),
+            "{e}"
+        );
+    }
 }

@@ -108,7 +108,11 @@ impl Activity {
     /// Looks at how many of our bytes the peer acknowledged: more than at the last look is
     /// acknowledgement progress now.
     pub fn refresh(&self) {
-        let Some(acked) = self.socket.upgrade().and_then(|s| crate::net::bytes_acked(&s)) else {
+        let Some(acked) = self
+            .socket
+            .upgrade()
+            .and_then(|s| crate::net::bytes_acked(&s))
+        else {
             return;
         };
         if self.acked.fetch_max(acked, Ordering::Relaxed) < acked {

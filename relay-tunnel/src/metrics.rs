@@ -29,6 +29,9 @@ pub const LISTENER_OPEN: &str = "relay_listener_open";
 pub const REJECTIONS: &str = "relay_rejections_total";
 /// Counter: service registrations by `result` (`accepted`, `rejected`).
 pub const REGISTRATIONS: &str = "relay_registrations_total";
+/// Counter: admin requests refused for want of a valid token, by `reason` (`missing`,
+/// `invalid`).
+pub const ADMIN_REJECTIONS: &str = "relay_admin_rejections_total";
 /// Counter: config reloads by `result` (`ok`, `error`).
 pub const CONFIG_RELOADS: &str = "relay_config_reloads_total";
 /// Gauge: always 1, labelled with the `version`.

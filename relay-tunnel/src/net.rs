@@ -404,7 +404,9 @@ mod tests {
             activity.idle()
         );
         let mark = activity.written();
-        a.write_all(b"taken by the peer's kernel").await.expect("write");
+        a.write_all(b"taken by the peer's kernel")
+            .await
+            .expect("write");
         tokio::time::sleep(Duration::from_millis(50)).await;
         activity.refresh();
         assert!(activity.acknowledged(mark), "the write is acknowledged");

@@ -158,6 +158,8 @@ pub struct DmzOptions {
     pub agent_rules: Vec<AgentRules>,
     /// Extra TOML appended under `[limits]`.
     pub limits: String,
+    /// Extra TOML under `[admin]` (`token_file`, `metrics_open`).
+    pub admin_extra: String,
 }
 
 /// One `[policy.agents."ID"]` table of a DMZ config.
@@ -185,6 +187,7 @@ impl Default for DmzOptions {
             policy_default: None,
             agent_rules: Vec::new(),
             limits: String::new(),
+            admin_extra: String::new(),
         }
     }
 }
@@ -203,7 +206,10 @@ impl DmzOptions {
         if let Some(agents) = &self.agents {
             s += &format!("agents = {agents:?}\n");
         }
-        s += &format!("\n[admin]\nlisten = \"{}\"\n", self.admin);
+        s += &format!(
+            "\n[admin]\nlisten = \"{}\"\n{}",
+            self.admin, self.admin_extra
+        );
         if let Some(bind) = &self.public_bind {
             s += &format!("\n[public]\nbind = \"{bind}\"\n");
         }
@@ -278,6 +284,8 @@ pub struct AgentOptions {
     pub limits: String,
     /// Extra TOML tables appended at the end (`[[outbound]]`, `[outbound_proxy]`).
     pub extra: String,
+    /// Extra TOML under `[admin]` (`token_file`, `metrics_open`).
+    pub admin_extra: String,
 }
 
 impl AgentOptions {
@@ -292,6 +300,7 @@ impl AgentOptions {
             services,
             limits: String::new(),
             extra: String::new(),
+            admin_extra: String::new(),
         }
     }
 
@@ -299,13 +308,14 @@ impl AgentOptions {
     pub fn toml(&self, pki: &Pki) -> String {
         let dmz: Vec<String> = self.dmz.iter().map(|a| a.to_string()).collect();
         let mut s = format!(
-            "dmz = {dmz:?}\nserver_name = \"localhost\"\nconnections = {}\nkeepalive = \"{}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n[admin]\nlisten = \"{}\"\n\n[limits]\n{}\n",
+            "dmz = {dmz:?}\nserver_name = \"localhost\"\nconnections = {}\nkeepalive = \"{}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n[admin]\nlisten = \"{}\"\n{}\n[limits]\n{}\n",
             self.connections,
             self.keepalive,
             pki.path(&format!("{}.pem", self.identity)).display(),
             pki.path(&format!("{}-key.pem", self.identity)).display(),
             pki.path("ca.pem").display(),
             self.admin,
+            self.admin_extra,
             self.limits,
         );
         for svc in &self.services {

@@ -35,6 +35,7 @@ async fn histogram_samples_are_drained_without_a_scrape() {
     // As both binaries call it; no admin listener, so nothing could scrape.
     let control = admin::start(
         None,
+        admin::Guard::new(admin::Access::default()),
         Arc::new(|| Ok(())),
         Arc::new(|| Err("no reload in this test".into())),
         metrics.clone(),

@@ -1,11 +1,14 @@
 //! Operations: exact metrics on both sides, JSON logs and the agent's audit trail, graceful
-//! drain of a DMZ node behind HAProxy, hot reload on both sides, and the Grafana dashboard.
+//! drain of a DMZ node behind HAProxy, hot reload on both sides, the admin endpoint's token,
+//! and the Grafana dashboard.
 //!
 //! Metrics and logs of one component are isolated by running it as a real process: in-process
 //! components share one global metrics recorder and one tracing subscriber. The tests of this
 //! file run one at a time (two cores; some measure time bounds; in-process tests compare metric
 //! deltas of the shared recorder).
 
+#[path = "operations/admin_auth.rs"]
+mod admin_auth;
 #[path = "operations/dashboard.rs"]
 mod dashboard;
 #[path = "operations/drain.rs"]

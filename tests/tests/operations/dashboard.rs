@@ -22,6 +22,7 @@ const METRICS: &[&str] = &[
     m::REJECTIONS,
     m::REGISTRATIONS,
     m::CONFIG_RELOADS,
+    m::ADMIN_REJECTIONS,
     m::BUILD_INFO,
 ];
 
