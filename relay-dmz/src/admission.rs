@@ -205,16 +205,39 @@ fn refilled(s: &mut Source, l: &Limits, now: Instant) -> bool {
     l.source_rate.is_none() || refill(s, l, now) >= f64::from(l.source_burst)
 }
 
-/// Resident set size of this process, from /proc/self/statm.
+/// Resident set size of this process: `VmRSS` of /proc/self/status, which the kernel gives in
+/// KiB whatever the page size (statm counts pages, 4 KiB on x86-64 but 16 or 64 KiB on some
+/// arm64 kernels).
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    vm_rss(&status)
+}
+
+/// The `VmRSS:  N kB` line of a /proc/PID/status text, in bytes.
+fn vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let mut words = line.split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib * 1024)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_memory_is_read_in_bytes_whatever_the_page_size() {
+        let status =
+            "Name:\trelay-dmz\nVmHWM:\t   20480 kB\nVmRSS:\t   12345 kB\nRssAnon:\t 8000 kB\n";
+        assert_eq!(vm_rss(status), Some(12345 * 1024));
+        assert_eq!(vm_rss("VmRSS:\t12 MB\n"), None, "only kB is known");
+        assert_eq!(vm_rss("Name:\tx\n"), None);
+        let here = resident_bytes().expect("/proc/self/status has VmRSS");
+        assert!(
+            here > 1024 * 1024,
+            "a test process holds more than 1 MiB: {here}"
+        );
+    }
 
     fn limits(per_source: u32, per_service: usize, rate: u32, burst: u32) -> Limits {
         let mut l = crate::config::Limits::for_tests();
