@@ -23,6 +23,24 @@ pub fn key_path(dir: &Path, stem: &str) -> PathBuf {
     dir.join(format!("{stem}-key.pem"))
 }
 
+/// The certificate file of `stem` in `dir`, to write.
+fn cert_file(dir: &Path, stem: &str, contents: String) -> PemFile {
+    PemFile {
+        path: cert_path(dir, stem),
+        contents,
+        secret: false,
+    }
+}
+
+/// The private key file of `stem` in `dir`, to write (mode 0600).
+fn key_file(dir: &Path, stem: &str, contents: String) -> PemFile {
+    PemFile {
+        path: key_path(dir, stem),
+        contents,
+        secret: true,
+    }
+}
+
 pub(crate) fn check_days(days: u32) -> Result<(), Error> {
     if days == 0 || days > MAX_DAYS {
         return Err(Error::InvalidValidity(format!(
@@ -35,8 +53,8 @@ pub(crate) fn check_days(days: u32) -> Result<(), Error> {
 /// The CA's two files.
 pub(crate) fn ca_files(dir: &Path, ca: &Ca) -> Vec<PemFile> {
     vec![
-        PemFile::cert(dir, CA_STEM, ca.cert_pem()),
-        PemFile::key(dir, CA_STEM, ca.key_pem()),
+        cert_file(dir, CA_STEM, ca.cert_pem()),
+        key_file(dir, CA_STEM, ca.key_pem()),
     ]
 }
 
@@ -57,8 +75,8 @@ pub(crate) fn dmz_files(
     };
     let leaf = ca.issue(&spec)?;
     Ok(vec![
-        PemFile::cert(dir, DMZ_STEM, leaf.cert_pem),
-        PemFile::key(dir, DMZ_STEM, leaf.key_pem),
+        cert_file(dir, DMZ_STEM, leaf.cert_pem),
+        key_file(dir, DMZ_STEM, leaf.key_pem),
     ])
 }
 
@@ -71,7 +89,7 @@ pub(crate) fn agent_files(
 ) -> Result<Vec<PemFile>, Error> {
     let leaf = ca.issue(&LeafSpec::client(name).valid_for_days(days))?;
     Ok(vec![
-        PemFile::cert(dir, name, leaf.cert_pem),
-        PemFile::key(dir, name, leaf.key_pem),
+        cert_file(dir, name, leaf.cert_pem),
+        key_file(dir, name, leaf.key_pem),
     ])
 }

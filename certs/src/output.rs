@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::{Error, layout};
+use crate::Error;
 
 /// Mode of private key files. Set at creation so the key is never readable by others.
 const KEY_MODE: u32 = 0o600;
@@ -18,24 +18,6 @@ pub(crate) struct PemFile {
     pub(crate) contents: String,
     /// A private key: written with mode 0600.
     pub(crate) secret: bool,
-}
-
-impl PemFile {
-    pub(crate) fn cert(dir: &Path, name: &str, contents: String) -> PemFile {
-        PemFile {
-            path: layout::cert_path(dir, name),
-            contents,
-            secret: false,
-        }
-    }
-
-    pub(crate) fn key(dir: &Path, name: &str, contents: String) -> PemFile {
-        PemFile {
-            path: layout::key_path(dir, name),
-            contents,
-            secret: true,
-        }
-    }
 }
 
 /// Refuses if any of `files` exists and `force` is false; nothing is written then.

@@ -200,7 +200,11 @@ pub fn start(
     metrics: PrometheusHandle,
     shutdown: &CancellationToken,
 ) -> Control {
-    tokio::spawn(crate::signals::on_reload(reload.clone(), shutdown.clone()));
+    let on_hup = reload.clone();
+    tokio::spawn(crate::signals::on_reload(
+        move || on_hup(),
+        shutdown.clone(),
+    ));
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(crate::telemetry::upkeep(

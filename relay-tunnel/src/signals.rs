@@ -27,7 +27,7 @@ pub async fn on_shutdown(token: CancellationToken) {
 }
 
 /// Calls `reload` on every SIGHUP until `stop` is cancelled.
-pub async fn on_reload(reload: crate::admin::Reloader, stop: CancellationToken) {
+pub async fn on_reload<R>(reload: impl Fn() -> R, stop: CancellationToken) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler");
         return;
