@@ -164,7 +164,7 @@ pub struct DmzConfig {
 }
 
 /// `[limits]`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Partner sessions in flight at most, over all services.
     pub max_sessions: usize,

@@ -32,7 +32,7 @@ fn apply(node: &Node) -> Result<String, String> {
     if new.keepalive != current.keepalive {
         restart.push("tunnel.keepalive");
     }
-    if format!("{:?}", new.limits) != format!("{:?}", current.limits) {
+    if new.limits != current.limits {
         restart.push("limits");
     }
     node.admin.set(new.admin_access.clone());

@@ -311,7 +311,7 @@ impl CheckKind {
 }
 
 /// An `[[outbound]]` mapping: engines connect `listen`, a DMZ node dials `target`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboundService {
     /// Name (metric label, audit record).
     pub name: String,
@@ -333,7 +333,7 @@ impl AgentConfig {
 }
 
 /// `[limits]` of the agent.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Sessions in flight at most.
     pub max_sessions: usize,
