@@ -365,6 +365,20 @@ impl Drop for InProcess {
     }
 }
 
+/// Runs an in-process component and prints the error it stops with, if any: a component that
+/// fails at start (a port taken) would otherwise show only as a later wait timing out.
+async fn reported(
+    what: &'static str,
+    addr: SocketAddr,
+    run: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    let result = run.await;
+    if let Err(e) = &result {
+        eprintln!("in-process {what} ({addr}) stopped with an error: {e}");
+    }
+    result
+}
+
 /// Starts a DMZ node in-process from `opts`.
 pub async fn start_dmz(pki: &Pki, opts: &DmzOptions) -> InProcess {
     let path = pki.write(&format!("dmz-{}.toml", opts.tunnel.port()), &opts.toml(pki));
@@ -373,7 +387,11 @@ pub async fn start_dmz(pki: &Pki, opts: &DmzOptions) -> InProcess {
         .await
         .expect("bind DMZ listeners");
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay_dmz::run(config, listeners, shutdown.clone()));
+    let task = tokio::spawn(reported(
+        "DMZ node",
+        opts.tunnel,
+        relay_dmz::run(config, listeners, shutdown.clone()),
+    ));
     InProcess {
         shutdown,
         task: Some(task),
@@ -404,7 +422,11 @@ pub async fn start_agent(pki: &Pki, opts: &AgentOptions) -> InProcess {
         }
     };
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay_internal::run(config, Some(admin), shutdown.clone()));
+    let task = tokio::spawn(reported(
+        "agent",
+        opts.admin,
+        relay_internal::run(config, Some(admin), shutdown.clone()),
+    ));
     InProcess {
         shutdown,
         task: Some(task),
