@@ -47,7 +47,7 @@ pub mod defaults {
 #[serde(deny_unknown_fields)]
 struct Raw {
     tunnel: RawTunnel,
-    admin: Option<RawAdmin>,
+    admin: Option<relay_tunnel::admin::RawAdmin>,
     #[serde(default)]
     public: RawPublic,
     #[serde(default)]
@@ -66,14 +66,6 @@ struct RawTunnel {
     agents: Option<Vec<String>>,
     keepalive: Option<String>,
     crl: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    listen: String,
-    token_file: Option<String>,
-    metrics_open: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -342,26 +334,8 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         &raw.tunnel.keepalive,
         defaults::KEEPALIVE,
     );
-    let admin_listen = raw.admin.as_ref().and_then(|a| {
-        err.check(
-            "admin.listen",
-            a.listen
-                .parse::<SocketAddr>()
-                .map_err(|_| format!("invalid socket address {:?}", a.listen)),
-        )
-    });
-    let admin_access = raw
-        .admin
-        .as_ref()
-        .map(|a| {
-            relay_tunnel::admin::Access::from_config(
-                &mut err,
-                base,
-                a.token_file.as_deref(),
-                a.metrics_open,
-            )
-        })
-        .unwrap_or_default();
+    let (admin_listen, admin_access) =
+        relay_tunnel::admin::RawAdmin::check(raw.admin.as_ref(), &mut err, base);
     let public_bind = raw.public.bind.as_ref().and_then(|b| {
         err.check(
             "public.bind",

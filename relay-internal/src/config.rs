@@ -57,7 +57,7 @@ struct Raw {
     connections: Option<usize>,
     keepalive: Option<String>,
     tls: RawTls,
-    admin: Option<RawAdmin>,
+    admin: Option<relay_tunnel::admin::RawAdmin>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -73,14 +73,6 @@ struct RawTls {
     cert: String,
     key: String,
     ca: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    listen: String,
-    token_file: Option<String>,
-    metrics_open: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -591,26 +583,8 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         ),
         _ => (None, None),
     };
-    let admin_listen = raw.admin.as_ref().and_then(|a| {
-        err.check(
-            "admin.listen",
-            a.listen
-                .parse::<SocketAddr>()
-                .map_err(|_| format!("invalid socket address {:?}", a.listen)),
-        )
-    });
-    let admin_access = raw
-        .admin
-        .as_ref()
-        .map(|a| {
-            relay_tunnel::admin::Access::from_config(
-                &mut err,
-                base,
-                a.token_file.as_deref(),
-                a.metrics_open,
-            )
-        })
-        .unwrap_or_default();
+    let (admin_listen, admin_access) =
+        relay_tunnel::admin::RawAdmin::check(raw.admin.as_ref(), &mut err, base);
     let l = &raw.limits;
     let max_sessions = l.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
     if max_sessions == 0 {

@@ -79,10 +79,41 @@ pub struct Access {
     pub metrics_open: bool,
 }
 
+/// The `[admin]` table of both binaries' configs, as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    listen: String,
+    token_file: Option<String>,
+    metrics_open: Option<bool>,
+}
+
+impl RawAdmin {
+    /// The admin address and access rules of an `[admin]` table (none: no endpoint, open
+    /// rules); a problem goes to `err` under its key, paths are relative to `base`.
+    pub fn check(
+        raw: Option<&Self>,
+        err: &mut ConfigError,
+        base: &Path,
+    ) -> (Option<std::net::SocketAddr>, Access) {
+        let Some(raw) = raw else {
+            return (None, Access::default());
+        };
+        let listen = err.check(
+            "admin.listen",
+            raw.listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("invalid socket address {:?}", raw.listen)),
+        );
+        let access = Access::from_config(err, base, raw.token_file.as_deref(), raw.metrics_open);
+        (listen, access)
+    }
+}
+
 impl Access {
     /// The `[admin]` keys `token_file` (relative to `base`) and `metrics_open`; a problem goes to
     /// `err` under its key.
-    pub fn from_config(
+    fn from_config(
         err: &mut ConfigError,
         base: &Path,
         token_file: Option<&str>,
