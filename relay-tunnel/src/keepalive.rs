@@ -166,7 +166,7 @@ struct Outstanding {
 /// acknowledged for two intervals either, or the PING reached the peer's TCP an interval ago.
 /// So a silent link or a peer that stopped answering is detected within two intervals, and a
 /// peer that is sending, or whose answers wait behind what we send, is alive however late its
-/// PING answer comes. The socket's acknowledged bytes are looked at eight times per interval.
+/// PING answer comes. The socket's acknowledged bytes are looked at sixteen times per interval.
 /// Runs until it fails; the HTTP/2 connection must be driven concurrently.
 pub async fn run(
     mut ping_pong: PingPong,
@@ -175,7 +175,7 @@ pub async fn run(
     rtt: metrics::Histogram,
 ) -> KeepaliveError {
     let dead_after = interval * 2;
-    let look_every = interval / 8;
+    let look_every = interval / 16;
     let mut next_ping = Instant::now() + interval;
     let mut outstanding: Option<Outstanding> = None;
     loop {
@@ -209,9 +209,13 @@ pub async fn run(
             next_ping = now + interval;
         }
         // Wake for the next PING, the next look at the socket, or when the connection would
-        // have been silent too long, whichever comes first; a PONG wakes us earlier.
+        // have been silent too long either way, whichever comes first; a PONG wakes us earlier.
         let silent_at = now + dead_after.saturating_sub(activity.idle());
         let mut wake = silent_at.min(now + look_every);
+        if let Some(reached) = outstanding.as_ref().and_then(|p| p.reached) {
+            let unread_at = now + dead_after.saturating_sub(activity.since_read());
+            wake = wake.min(unread_at.max(reached + interval));
+        }
         if outstanding.is_none() {
             wake = wake.min(next_ping);
         }
