@@ -28,6 +28,18 @@ enum Command {
     Dev(DevArgs),
     /// Issue agent or DMZ certificates from an existing ca.pem and ca-key.pem.
     Issue(IssueArgs),
+    /// Tell when the certificates (or CRLs) of PEM files stop working, and how long is left.
+    Expiry(ExpiryArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExpiryArgs {
+    /// PEM files holding certificates or CRLs.
+    #[arg(value_name = "FILE", required = true)]
+    files: Vec<PathBuf>,
+    /// Exit with status 1 if any of them stops working within this time (e.g. 30d).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    within: Option<std::time::Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -88,6 +100,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Command::Expiry(args) = &cli.command {
+        return expiry(args);
+    }
     match run(cli) {
         Ok(written) => {
             for path in written {
@@ -138,6 +153,74 @@ fn run(cli: Cli) -> anyhow::Result<Vec<PathBuf>> {
             relay_certs::issue_from_dir(&opts)
                 .with_context(|| format!("issuing from the CA in {}", opts.ca_dir.display()))
         }
+        Command::Expiry(_) => unreachable!("handled in main"),
+    }
+}
+
+/// Prints one line per certificate or CRL: file, kind, subject, notAfter (a CRL's
+/// nextUpdate) and the time left. Exit status 1 when one is within `--within` (or expired).
+fn expiry(args: &ExpiryArgs) -> ExitCode {
+    use relay_tunnel::expiry::{Expiry, Kind, human_left};
+    let now = std::time::SystemTime::now();
+    let mut rows = vec![[
+        "FILE".to_owned(),
+        "KIND".into(),
+        "SUBJECT".into(),
+        "NOT AFTER".into(),
+        "LEFT".into(),
+    ]];
+    let mut soon = false;
+    for path in &args.files {
+        let what = path.display().to_string();
+        let items: Vec<Expiry> = match relay_tunnel::tls::load_certs(path) {
+            Ok(certs) => certs
+                .iter()
+                .filter_map(|c| Expiry::of_certificate(&what, c))
+                .collect(),
+            Err(_) => match relay_tunnel::tls::load_crls(path) {
+                Ok(crls) => crls
+                    .iter()
+                    .filter_map(|c| Expiry::of_crl(&what, c))
+                    .collect(),
+                Err(_) => {
+                    eprintln!("relay-certs: error: {what}: no certificate or CRL that can be read");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            },
+        };
+        for e in items {
+            let left = e.left(now);
+            soon |= args
+                .within
+                .is_some_and(|w| left <= i64::try_from(w.as_secs()).unwrap_or(i64::MAX));
+            let kind = match e.kind {
+                Kind::Certificate => "certificate",
+                Kind::Crl => "crl",
+            };
+            rows.push([
+                what.clone(),
+                kind.into(),
+                e.subject.clone(),
+                e.date(),
+                human_left(left),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    if soon {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

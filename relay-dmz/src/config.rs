@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_tunnel::config::{self as cfg, AddrRule, ConfigError, ConnectRule};
+use relay_tunnel::expiry::Expiry;
 use relay_tunnel::protocol::{ALPN_INBOUND_V1, ALPN_OUTBOUND_V1};
 use relay_tunnel::tls;
 use serde::Deserialize;
@@ -142,6 +143,10 @@ pub struct DmzConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Who may use the admin endpoint (`admin.token_file`, `admin.metrics_open`).
     pub admin_access: relay_tunnel::admin::Access,
+    /// How long before a TLS file or an agent certificate stops working the log warns.
+    pub expiry_warning: Duration,
+    /// When the tunnel certificate, the CA and the CRL stop working.
+    pub expiries: Vec<Expiry>,
     /// Replaces the address part of every service's listen address.
     pub public_bind: Option<IpAddr>,
     /// What each agent identity may open, join and have dialed (`policy.listen_allow`,
@@ -336,6 +341,19 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
     );
     let (admin_listen, admin_access) =
         relay_tunnel::admin::RawAdmin::check(raw.admin.as_ref(), &mut err, base);
+    let expiry_warning =
+        relay_tunnel::admin::RawAdmin::expiry_warning(raw.admin.as_ref(), &mut err);
+    let expiries = [
+        Expiry::of_certificate_file("tunnel.cert", &cfg::resolve(base, &raw.tunnel.cert)),
+        Expiry::of_certificate_file("tunnel.ca", &cfg::resolve(base, &raw.tunnel.ca)),
+        raw.tunnel
+            .crl
+            .as_ref()
+            .and_then(|crl| Expiry::of_crl_file("tunnel.crl", &cfg::resolve(base, crl))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let public_bind = raw.public.bind.as_ref().and_then(|b| {
         err.check(
             "public.bind",
@@ -491,6 +509,8 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         keepalive,
         admin_listen,
         admin_access,
+        expiry_warning,
+        expiries,
         public_bind,
         rights,
         trusted_proxies,

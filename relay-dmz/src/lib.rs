@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_tunnel::admin;
+use relay_tunnel::expiry::{self, Expiry};
 use relay_tunnel::net::bind_reuse;
 use relay_tunnel::shards::{ShardHandles, Shards};
 use tokio::net::TcpListener;
@@ -134,6 +135,33 @@ impl Node {
             .clone()
     }
 
+    /// `admin.expiry_warning` as configured now.
+    pub(crate) fn expiry_warning(&self) -> Duration {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expiry_warning
+    }
+
+    /// When the node's TLS files and each connected agent's certificate stop working.
+    fn expiries(&self) -> Vec<Expiry> {
+        let mut all = self
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expiries
+            .clone();
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut agents: Vec<Expiry> = live
+            .values()
+            .filter_map(|t| Expiry::of_certificate(&format!("agent {}", t.agent), t.chain.first()?))
+            .collect();
+        agents.sort_by(|a, b| a.what.cmp(&b.what));
+        agents.dedup_by(|a, b| a.what == b.what);
+        all.extend(agents);
+        all
+    }
+
     fn readiness(&self) -> Result<(), String> {
         if self.draining.is_cancelled() {
             return Err("draining: shutting down".into());
@@ -170,6 +198,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let metrics = relay_tunnel::telemetry::metrics_handle();
+    relay_tunnel::metrics::build_info(env!("CARGO_PKG_NAME"));
     // Stopped when this function returns, after every tunnel and session has ended.
     let shards = Shards::per_core("relay-dmz-shard")?;
     let policy = Arc::new(Policy::from_config(&config));
@@ -200,6 +229,17 @@ pub async fn run(
         admin: admin_guard.clone(),
     });
     tokio::spawn(node.admission.clone().watch_memory(shutdown.clone()));
+    {
+        let config = node.config.lock().unwrap_or_else(|p| p.into_inner());
+        expiry::publish(&config.expiries);
+        expiry::warn_all(&config.expiries, config.expiry_warning);
+    }
+    let (watched, warning) = (node.clone(), node.clone());
+    tokio::spawn(expiry::watch(
+        move || watched.expiries(),
+        move || warning.expiry_warning(),
+        shutdown.clone(),
+    ));
     if let Some(l) = &listeners.admin {
         tracing::info!(addr = %display_addr(l), "admin endpoint listening");
     }

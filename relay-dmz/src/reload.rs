@@ -64,6 +64,8 @@ fn apply(node: &Node) -> Result<String, String> {
     new.public_bind = current.public_bind;
     new.keepalive = current.keepalive;
     new.limits = current.limits;
+    relay_tunnel::expiry::publish(&new.expiries);
+    relay_tunnel::expiry::warn_all(&new.expiries, new.expiry_warning);
     *current = new;
     let mut summary = format!(
         "reloaded {}; {cut} tunnel(s) cut; {services} service declaration(s) withdrawn",

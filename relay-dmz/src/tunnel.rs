@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use relay_tunnel::expiry::Expiry;
 use relay_tunnel::keepalive;
 use relay_tunnel::metrics as m;
 use relay_tunnel::net::TunnelSocket;
@@ -241,15 +242,28 @@ impl<'a> LiveGuard<'a> {
     ) -> Self {
         let id = node.registry.next_carrier_id();
         let cut = tokio_util::sync::CancellationToken::new();
+        let expiry = chain
+            .first()
+            .and_then(|leaf| Expiry::of_certificate(&format!("agent {agent}"), leaf));
+        if let Some(e) = &expiry {
+            metrics::gauge!(m::AGENT_CERT_EXPIRY, "agent" => agent.clone()).set(e.not_after as f64);
+        }
         let tunnel = crate::LiveTunnel {
             agent,
             chain,
             cut: cut.clone(),
         };
-        node.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tunnel);
+        let first = {
+            let mut live = node.live.lock().unwrap_or_else(|p| p.into_inner());
+            let first = !live.values().any(|t| t.agent == tunnel.agent);
+            live.insert(id, tunnel);
+            first
+        };
+        // Warned about when the agent's first tunnel comes up (not once per connection), then
+        // daily by the node's expiry watch.
+        if let (true, Some(e)) = (first, expiry) {
+            e.warn(node.expiry_warning(), std::time::SystemTime::now());
+        }
         Self { node, id, cut }
     }
 }

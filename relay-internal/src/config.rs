@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_tunnel::config::{self as cfg, ConfigError, ListenSpec, TargetSpec};
+use relay_tunnel::expiry::Expiry;
 use relay_tunnel::first_bytes::{Expect, NamePattern};
 use relay_tunnel::protocol::{self, ALPN_INBOUND_V1, ALPN_OUTBOUND_V1, ServiceDecl};
 use relay_tunnel::tls;
@@ -364,6 +365,10 @@ pub struct AgentConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Who may use the admin endpoint (`admin.token_file`, `admin.metrics_open`).
     pub admin_access: relay_tunnel::admin::Access,
+    /// How long before a TLS file stops working the log warns.
+    pub expiry_warning: Duration,
+    /// When the client certificate and the CA stop working.
+    pub expiries: Vec<Expiry>,
     /// Limits and timeouts.
     pub limits: Limits,
     /// Inbound services.
@@ -585,6 +590,15 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
     };
     let (admin_listen, admin_access) =
         relay_tunnel::admin::RawAdmin::check(raw.admin.as_ref(), &mut err, base);
+    let expiry_warning =
+        relay_tunnel::admin::RawAdmin::expiry_warning(raw.admin.as_ref(), &mut err);
+    let expiries = [
+        Expiry::of_certificate_file("tls.cert", &cfg::resolve(base, &raw.tls.cert)),
+        Expiry::of_certificate_file("tls.ca", &cfg::resolve(base, &raw.tls.ca)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let l = &raw.limits;
     let max_sessions = l.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
     if max_sessions == 0 {
@@ -755,6 +769,8 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         source: None,
         admin_listen,
         admin_access,
+        expiry_warning,
+        expiries,
         limits,
         inbound,
     })

@@ -247,6 +247,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let metrics = relay_tunnel::telemetry::metrics_handle();
+    relay_tunnel::metrics::build_info(env!("CARGO_PKG_NAME"));
     let admin_guard = admin::Guard::new(config.admin_access.clone());
     let agent = Arc::new(Agent {
         instance: format!("{:016x}", fastrand::u64(..)),
@@ -302,6 +303,27 @@ pub async fn run(
         &shutdown,
     );
 
+    relay_tunnel::expiry::publish(&config.expiries);
+    relay_tunnel::expiry::warn_all(&config.expiries, config.expiry_warning);
+    let (watched, warning) = (agent.clone(), agent.clone());
+    tokio::spawn(relay_tunnel::expiry::watch(
+        move || {
+            watched
+                .config
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .expiries
+                .clone()
+        },
+        move || {
+            warning
+                .config
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .expiry_warning
+        },
+        shutdown.clone(),
+    ));
     let health_task = tokio::spawn(health::run(agent.clone()));
     let shard = shards.handles();
     let tunnels = TaskTracker::new();

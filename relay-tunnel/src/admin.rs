@@ -86,6 +86,7 @@ pub struct RawAdmin {
     listen: String,
     token_file: Option<String>,
     metrics_open: Option<bool>,
+    expiry_warning: Option<String>,
 }
 
 impl RawAdmin {
@@ -107,6 +108,19 @@ impl RawAdmin {
         );
         let access = Access::from_config(err, base, raw.token_file.as_deref(), raw.metrics_open);
         (listen, access)
+    }
+
+    /// `admin.expiry_warning`: how long before a certificate or the CRL stops working the log
+    /// warns about it (default [`crate::expiry::DEFAULT_WARNING`], also without `[admin]`).
+    pub fn expiry_warning(raw: Option<&Self>, err: &mut ConfigError) -> Duration {
+        let Some(text) = raw.and_then(|r| r.expiry_warning.as_deref()) else {
+            return crate::expiry::DEFAULT_WARNING;
+        };
+        err.check(
+            "admin.expiry_warning",
+            humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}")),
+        )
+        .unwrap_or(crate::expiry::DEFAULT_WARNING)
     }
 }
 

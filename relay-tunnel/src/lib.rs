@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod expiry;
 pub mod first_bytes;
 pub mod h2conf;
 pub mod keepalive;

@@ -34,8 +34,17 @@ pub const REGISTRATIONS: &str = "relay_registrations_total";
 pub const ADMIN_REJECTIONS: &str = "relay_admin_rejections_total";
 /// Counter: config reloads by `result` (`ok`, `error`).
 pub const CONFIG_RELOADS: &str = "relay_config_reloads_total";
-/// Gauge: always 1, labelled with the `version`.
+/// Gauge: always 1, labelled with the `version` and the `binary` (`relay-dmz`,
+/// `relay-internal`).
 pub const BUILD_INFO: &str = "relay_build_info";
+/// Gauge: the Unix time after which a TLS file of the node's config stops working (the
+/// earliest notAfter of the certificates in it; a CRL's nextUpdate), labelled `file` with its
+/// config key (`tunnel.cert`, `tunnel.ca`, `tunnel.crl` on the DMZ; `tls.cert`, `tls.ca` on
+/// the agent).
+pub const CERT_EXPIRY: &str = "relay_cert_expiry_timestamp_seconds";
+/// Gauge (DMZ): the notAfter of each agent's certificate as a Unix time, labelled `agent`;
+/// set when a tunnel of that agent comes up.
+pub const AGENT_CERT_EXPIRY: &str = "relay_agent_cert_expiry_timestamp_seconds";
 
 /// Gauge (agent): 1 while a target of a service is healthy, 0 once `fall` checks failed;
 /// labelled `service` and `target` (an address from the agent's own config).
@@ -123,5 +132,20 @@ pub fn describe() {
         "Target connects that failed and moved on to the next target."
     );
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
-    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe_gauge!(
+        CERT_EXPIRY,
+        Unit::Seconds,
+        "Unix time after which a TLS file of the config stops working (notAfter; a CRL's nextUpdate)."
+    );
+    describe_gauge!(
+        AGENT_CERT_EXPIRY,
+        Unit::Seconds,
+        "Unix time at which a connected agent's certificate expires."
+    );
+}
+
+/// Sets the build info gauge of `binary` (`relay-dmz` or `relay-internal`).
+pub fn build_info(binary: &'static str) {
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "binary" => binary)
+        .set(1.0);
 }
