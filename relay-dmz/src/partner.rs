@@ -24,6 +24,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Accepts partners on a service's sockets until the listener closes.
 pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
+    m::zero_sessions(&listener.service, m::INBOUND, m::DMZ_INBOUND_RESULTS);
+    for route in listener.routes().iter() {
+        m::zero_sessions(&route.service, m::INBOUND, m::DMZ_INBOUND_RESULTS);
+    }
     loop {
         let accepted = tokio::select! {
             _ = listener.closed.cancelled() => return,

@@ -239,6 +239,20 @@ impl Agent {
     }
 }
 
+/// Creates `relay_sessions_total` at 0 for every result each configured service can end with.
+fn zero_sessions(config: &AgentConfig) {
+    use relay_tunnel::metrics as m;
+    for service in &config.inbound {
+        m::zero_sessions(&service.name, m::INBOUND, m::AGENT_INBOUND_RESULTS);
+    }
+    for service in &config.outbound {
+        m::zero_sessions(&service.name, m::OUTBOUND, m::OUTBOUND_RESULTS);
+    }
+    if config.outbound_proxy.is_some() {
+        m::zero_sessions(proxy::SERVICE, m::OUTBOUND, m::OUTBOUND_RESULTS);
+    }
+}
+
 /// Runs the agent until `shutdown` is cancelled; then it sends GOAWAY on every tunnel, gives
 /// sessions in flight `limits.drain_timeout`, and returns.
 pub async fn run(
@@ -303,6 +317,7 @@ pub async fn run(
         &shutdown,
     );
 
+    zero_sessions(&config);
     relay_tunnel::expiry::publish(&config.expiries);
     relay_tunnel::expiry::warn_all(&config.expiries, config.expiry_warning);
     let (watched, warning) = (agent.clone(), agent.clone());

@@ -48,6 +48,7 @@ fn apply(agent: &Agent) -> Result<String, String> {
     new.admin_listen = current.admin_listen;
     new.outbound = std::mem::take(&mut current.outbound);
     new.outbound_proxy = current.outbound_proxy;
+    crate::zero_sessions(&new);
     relay_tunnel::expiry::publish(&new.expiries);
     relay_tunnel::expiry::warn_all(&new.expiries, new.expiry_warning);
     *current = new;

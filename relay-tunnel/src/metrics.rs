@@ -61,6 +61,106 @@ pub const WITHDRAWALS: &str = "relay_service_withdrawals_total";
 /// target, by `service` and `target`.
 pub const TARGET_FAILOVERS: &str = "relay_target_failovers_total";
 
+/// `relay_rejections_total` reasons of the DMZ, as docs/OPERATIONS.md lists them: each series
+/// exists from the start at 0, so that `rate()` and alerts work before the first refusal.
+pub const DMZ_REJECTION_REASONS: &[&str] = &[
+    "tls_handshake",
+    "pending_limit",
+    "pending_evicted",
+    "bad_alpn",
+    "unknown_agent",
+    "no_rights",
+    "registration",
+    "service_not_allowed",
+    "service_conflict",
+    "service_invalid",
+    "service_bind",
+    "shutting_down",
+    "proxy_header",
+    "source_denied",
+    "protocol",
+    "sni",
+    "limit",
+    "service_limit",
+    "source_limit",
+    "rate_limit",
+    "memory",
+    "policy_denied",
+    "audit_dropped",
+];
+/// `relay_rejections_total` reasons of the agent.
+pub const AGENT_REJECTION_REASONS: &[&str] =
+    &["bad_request", "unknown_service", "bad_proxy_request"];
+/// `relay_sessions_total` results every session can end with.
+const COMMON_RESULTS: &[&str] = &[
+    "ok",
+    "idle",
+    "half_closed",
+    "drain_timeout",
+    "internal_error",
+    "reset",
+];
+/// `relay_sessions_total` results of the DMZ's inbound sessions beyond [`COMMON_RESULTS`].
+pub const DMZ_INBOUND_RESULTS: &[&str] = &[
+    "proxy_header",
+    "source_denied",
+    "limit",
+    "protocol",
+    "sni",
+    "no_agent",
+    "target_refused",
+    "target_timeout",
+    "error",
+];
+/// `relay_sessions_total` results of the agent's inbound sessions beyond [`COMMON_RESULTS`].
+pub const AGENT_INBOUND_RESULTS: &[&str] = &["target_refused", "target_timeout", "unavailable"];
+/// `relay_sessions_total` results of outbound sessions (both sides) beyond [`COMMON_RESULTS`].
+pub const OUTBOUND_RESULTS: &[&str] = &[
+    "bad_request",
+    "policy_denied",
+    "target_refused",
+    "target_timeout",
+    "unavailable",
+];
+
+/// Creates, at 0, the counters of `binary` (`relay-dmz` or `relay-internal`) whose label
+/// values are known at start: rejections by reason, tunnel connects, registrations, reloads and
+/// admin refusals.
+pub fn zero_counters(binary: &str) {
+    let dmz = binary == "relay-dmz";
+    let reasons = if dmz {
+        DMZ_REJECTION_REASONS
+    } else {
+        AGENT_REJECTION_REASONS
+    };
+    for &reason in reasons {
+        metrics::counter!(REJECTIONS, "reason" => reason).increment(0);
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
+    for reason in ["missing", "invalid"] {
+        metrics::counter!(ADMIN_REJECTIONS, "reason" => reason).increment(0);
+    }
+    metrics::counter!(TUNNEL_CONNECTS, "result" => "ok").increment(0);
+    if dmz {
+        for result in ["accepted", "rejected"] {
+            metrics::counter!(REGISTRATIONS, "result" => result).increment(0);
+        }
+    } else {
+        metrics::counter!(TUNNEL_CONNECTS, "result" => "error").increment(0);
+    }
+}
+
+/// Creates, at 0, `relay_sessions_total` of one service for every result it can end with:
+/// the common ones and `specific`.
+pub fn zero_sessions(service: &str, direction: &'static str, specific: &[&'static str]) {
+    for &result in COMMON_RESULTS.iter().chain(specific) {
+        metrics::counter!(SESSIONS_TOTAL, "service" => service.to_owned(), "direction" => direction, "result" => result)
+            .increment(0);
+    }
+}
+
 /// Histogram buckets for latencies, in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -114,6 +214,10 @@ pub fn describe() {
         "Service registrations from agents, by result."
     );
     describe_counter!(
+        ADMIN_REJECTIONS,
+        "Admin requests refused for want of a valid token, by reason."
+    );
+    describe_counter!(
         CONFIG_RELOADS,
         "Config reloads (SIGHUP or POST /reload), by result."
     );
@@ -144,8 +248,10 @@ pub fn describe() {
     );
 }
 
-/// Sets the build info gauge of `binary` (`relay-dmz` or `relay-internal`).
+/// Sets the build info gauge of `binary` (`relay-dmz` or `relay-internal`) and creates its
+/// counters at 0 ([`zero_counters`]).
 pub fn build_info(binary: &'static str) {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "binary" => binary)
         .set(1.0);
+    zero_counters(binary);
 }

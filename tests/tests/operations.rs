@@ -9,10 +9,14 @@
 
 #[path = "operations/admin_auth.rs"]
 mod admin_auth;
+#[path = "operations/alerts.rs"]
+mod alerts;
 #[path = "operations/dashboard.rs"]
 mod dashboard;
 #[path = "operations/drain.rs"]
 mod drain;
+#[path = "operations/expiry.rs"]
+mod expiry;
 #[path = "operations/logs.rs"]
 mod logs;
 #[path = "operations/metrics.rs"]

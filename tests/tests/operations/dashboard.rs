@@ -8,7 +8,7 @@ use relay_tunnel::metrics as m;
 use serde_json::Value;
 
 /// Every metric name the relay exports.
-const METRICS: &[&str] = &[
+pub(crate) const METRICS: &[&str] = &[
     m::TUNNELS_CONNECTED,
     m::TUNNEL_CONNECTS,
     m::TUNNEL_RECONNECTS,
@@ -24,6 +24,13 @@ const METRICS: &[&str] = &[
     m::CONFIG_RELOADS,
     m::ADMIN_REJECTIONS,
     m::BUILD_INFO,
+    m::CERT_EXPIRY,
+    m::AGENT_CERT_EXPIRY,
+    m::TARGET_UP,
+    m::HEALTH_CHECKS,
+    m::SERVICE_DECLARED,
+    m::WITHDRAWALS,
+    m::TARGET_FAILOVERS,
 ];
 
 /// Metrics the dashboard must show (the panels operators asked for).
@@ -37,6 +44,8 @@ const REQUIRED: &[&str] = &[
     m::REJECTIONS,
     m::CONFIG_RELOADS,
     m::TUNNEL_RTT,
+    m::CERT_EXPIRY,
+    m::AGENT_CERT_EXPIRY,
 ];
 
 fn dashboard() -> Value {

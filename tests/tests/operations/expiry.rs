@@ -191,7 +191,12 @@ async fn certificates_and_crl_near_their_end_are_shown_and_warned_about() {
         .lines()
         .filter(|l| l.contains("next update is due soon"))
         .count();
-    assert_eq!(crl_warnings, 2, "at start and at the reload:\n{}", dmz.tail(30));
+    assert_eq!(
+        crl_warnings,
+        2,
+        "at start and at the reload:\n{}",
+        dmz.tail(30)
+    );
     drop(agent);
     wait_metric(
         dmz_opts.admin,

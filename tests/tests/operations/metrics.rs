@@ -205,6 +205,54 @@ async fn metrics_are_exact_on_dmz_and_agent() {
         "DMZ: one accepted registration per tunnel"
     );
 
+    // Counters with known labels exist from the start at 0, so rate() and alerts work before
+    // the first event: every rejection reason of each side, rejected registrations, failed
+    // reloads, and every result of the service's sessions.
+    for (side, s, reasons, results) in [
+        (
+            "DMZ",
+            &dmz_scrape,
+            m::DMZ_REJECTION_REASONS,
+            m::DMZ_INBOUND_RESULTS,
+        ),
+        (
+            "agent",
+            &agent_scrape,
+            m::AGENT_REJECTION_REASONS,
+            m::AGENT_INBOUND_RESULTS,
+        ),
+    ] {
+        for reason in reasons {
+            assert_eq!(
+                value(s, m::REJECTIONS, &[("reason", reason)]),
+                Some(0.0),
+                "{side}: relay_rejections_total{{reason=\"{reason}\"}}"
+            );
+        }
+        for result in results.iter().chain(&["idle", "reset", "internal_error"]) {
+            let labels = [
+                ("service", "echo"),
+                ("direction", "inbound"),
+                ("result", result),
+            ];
+            assert_eq!(
+                value(s, m::SESSIONS_TOTAL, &labels),
+                Some(0.0),
+                "{side}: relay_sessions_total{labels:?}"
+            );
+        }
+        assert_eq!(
+            value(s, m::CONFIG_RELOADS, &[("result", "error")]),
+            Some(0.0),
+            "{side}: failed reloads"
+        );
+    }
+    assert_eq!(
+        value(&dmz_scrape, m::REGISTRATIONS, &[("result", "rejected")]),
+        Some(0.0),
+        "DMZ: rejected registrations"
+    );
+
     // The setup histogram: one observation per session, all in the +Inf bucket.
     let setup = dmz_scrape
         .samples
