@@ -12,6 +12,7 @@ pub mod pending;
 pub mod registry;
 mod reload;
 pub mod rights;
+mod status;
 pub mod tunnel;
 
 use std::io;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use relay_tunnel::admin;
 use relay_tunnel::expiry::{self, Expiry};
 use relay_tunnel::net::bind_reuse;
+use relay_tunnel::session;
 use relay_tunnel::shards::{ShardHandles, Shards};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -95,11 +97,18 @@ impl Policy {
     }
 }
 
-/// A tunnel that is up, so a reload can cut it when its agent is no longer admitted.
+/// A tunnel that is up, so a reload can cut it when its agent is no longer admitted, and
+/// `/status` can show it.
 pub(crate) struct LiveTunnel {
     pub(crate) agent: String,
     pub(crate) chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub(crate) cut: CancellationToken,
+    pub(crate) peer: std::net::SocketAddr,
+    pub(crate) since: std::time::SystemTime,
+    /// `inbound` or `outbound`.
+    pub(crate) kind: &'static str,
+    /// The agent process's instance id, once it registered (inbound carriers).
+    pub(crate) instance: Option<String>,
 }
 
 /// State shared by the tasks of one DMZ node.
@@ -124,6 +133,11 @@ pub struct Node {
     pub(crate) draining: CancellationToken,
     /// Who may use the admin endpoint; replaced on reload.
     pub(crate) admin: Arc<admin::Guard>,
+    /// The sessions relaying bytes now (`/sessions`).
+    pub(crate) table: Arc<session::Table>,
+    /// Partner sessions accepted and refused so far, by service (`/status`).
+    pub(crate) totals: std::sync::Mutex<std::collections::HashMap<String, status::Totals>>,
+    pub(crate) started: std::time::SystemTime,
 }
 
 impl Node {
@@ -203,6 +217,7 @@ pub async fn run(
     let shards = Shards::per_core("relay-dmz-shard")?;
     let policy = Arc::new(Policy::from_config(&config));
     let admin_guard = admin::Guard::new(config.admin_access.clone());
+    let sessions_cancel = CancellationToken::new();
     let node = Arc::new(Node {
         registry: Registry::new(
             config.public_bind,
@@ -217,7 +232,7 @@ pub async fn run(
         session_limit: Arc::new(Semaphore::new(config.limits.max_sessions)),
         admission: admission::Admission::new(config.limits),
         sessions: TaskTracker::new(),
-        sessions_cancel: CancellationToken::new(),
+        sessions_cancel: sessions_cancel.clone(),
         listeners: TaskTracker::new(),
         tunnels_cancel: CancellationToken::new(),
         shards: shards.handles(),
@@ -227,6 +242,9 @@ pub async fn run(
         draining: CancellationToken::new(),
         log_limit: relay_tunnel::ratelog::RateLimit::new(Duration::from_secs(1)),
         admin: admin_guard.clone(),
+        table: session::Table::new(sessions_cancel),
+        totals: Default::default(),
+        started: std::time::SystemTime::now(),
     });
     tokio::spawn(node.admission.clone().watch_memory(shutdown.clone()));
     {
@@ -243,12 +261,10 @@ pub async fn run(
     if let Some(l) = &listeners.admin {
         tracing::info!(addr = %display_addr(l), "admin endpoint listening");
     }
-    let (reload_node, ready_node) = (node.clone(), node.clone());
     let control = admin::start(
         listeners.admin,
         admin_guard,
-        Arc::new(move || ready_node.readiness()),
-        Arc::new(move || reload::reload(&reload_node)),
+        node.clone(),
         metrics,
         &shutdown,
     );

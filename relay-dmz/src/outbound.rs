@@ -19,6 +19,7 @@ use relay_tunnel::protocol::{
     HEADER_SESSION, MAX_BACKUPS, Refusal,
 };
 use relay_tunnel::pump::{self, PumpCounters};
+use relay_tunnel::session;
 use relay_tunnel::{h2conf, keepalive};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -92,7 +93,7 @@ async fn session(
         .unwrap_or_default();
     let span = tracing::info_span!("session", id = %session_id, service = %service, direction = m::OUTBOUND, %agent, destination = %authority);
     async move {
-        let outcome = pump::catch_panic(answer(&node, &agent, &service, &authority, request, respond, started))
+        let outcome = pump::catch_panic(answer(&node, &agent, &service, &session_id, &authority, request, respond, started))
             .await
             .unwrap_or(pump::INTERNAL_ERROR);
         metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::OUTBOUND, "result" => outcome).increment(1);
@@ -102,10 +103,12 @@ async fn session(
 }
 
 /// Dials the partner an agent asked for, answers the stream and relays; returns the result.
+#[allow(clippy::too_many_arguments)]
 async fn answer(
     node: &Node,
     agent: &str,
     service: &str,
+    session: &str,
     authority: &str,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -128,7 +131,15 @@ async fn answer(
                 response.headers_mut().insert(HEADER_DIALED, v);
             }
             match respond.send_response(response, false) {
-                Ok(send) => relay(node, service, partner, send, request.into_body()).await,
+                Ok(send) => {
+                    let dialed = partner
+                        .peer_addr()
+                        .map_or_else(|_| authority.to_owned(), |a| a.to_string());
+                    let listed =
+                        node.table
+                            .add(session, service, m::OUTBOUND, dialed, agent.to_owned());
+                    relay(node, service, &listed, partner, send, request.into_body()).await
+                }
                 Err(_) => "reset",
             }
         }
@@ -342,13 +353,14 @@ async fn allowed_addrs(
 async fn relay(
     node: &Node,
     service: &str,
+    listed: &session::Registered,
     partner: TcpStream,
     send: h2::SendStream<Bytes>,
     recv: RecvStream,
 ) -> &'static str {
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::OUTBOUND);
     active.increment(1.0);
-    let counters = PumpCounters::partner_socket(service);
+    let counters = PumpCounters::partner_socket(service, listed.progress.clone());
     let started = Instant::now();
     let (moved, result) = pump::pump(
         partner,
@@ -357,7 +369,7 @@ async fn relay(
         recv,
         &counters,
         node.limits.pump(),
-        &node.sessions_cancel,
+        &listed.stop,
     )
     .await;
     active.decrement(1.0);

@@ -89,6 +89,7 @@ pub async fn serve(listener: Arc<PublicListener>, node: Arc<Node>) {
                     ) {
                         tell_an_agent(&node2, &service, session_id, partner, outcome);
                     }
+                    node2.count(&service, outcome);
                     metrics::counter!(m::SESSIONS_TOTAL, "service" => service, "direction" => m::INBOUND, "result" => outcome).increment(1);
                 };
                 let Some(shard) = shard else {
@@ -434,6 +435,7 @@ async fn relay_partner(
                     &carrier,
                     busy,
                     service,
+                    &meta,
                     partner_stream,
                     send,
                     recv,
@@ -648,6 +650,7 @@ async fn relay(
     carrier: &Carrier,
     busy: Busy,
     service: &str,
+    meta: &SessionMeta,
     partner: TcpStream,
     send: h2::SendStream<Bytes>,
     recv: RecvStream,
@@ -655,12 +658,23 @@ async fn relay(
 ) -> &'static str {
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::INBOUND);
     active.increment(1.0);
-    let counters = PumpCounters::partner_socket(service);
+    let listed = node.table.add(
+        &meta.session,
+        service,
+        m::INBOUND,
+        meta.partner.to_string(),
+        carrier.agent.clone(),
+    );
+    let counters = PumpCounters::partner_socket(service, listed.progress.clone());
     // Sent while the session was being answered.
     counters.to_stream.increment(early as u64);
+    listed
+        .progress
+        .to_target
+        .fetch_add(early as u64, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     let (moved, result) = if tokio::runtime::Handle::current().id() == carrier.runtime.id() {
-        let stop = &node.sessions_cancel;
+        let stop = &listed.stop;
         pump::pump(
             partner,
             Bytes::new(),
@@ -673,7 +687,7 @@ async fn relay(
         .await
     } else {
         // Another tunnel than the one expected at accept time carries it: hop to its shard.
-        let stop = node.sessions_cancel.clone();
+        let stop = listed.stop.clone();
         pump::pump_on(
             &carrier.runtime,
             partner,

@@ -243,6 +243,21 @@ struct Inner {
     closed: bool,
 }
 
+/// One service as `/status` shows it.
+#[derive(Debug)]
+pub struct ServiceRow {
+    /// The service name.
+    pub name: String,
+    /// Its public address as declared (`IP:PORT` or `IP:FIRST-LAST`); empty when withdrawn.
+    pub listen: String,
+    /// Whether its listener accepts partners now.
+    pub open: bool,
+    /// Closed because its agents withdrew it (no healthy target).
+    pub withdrawn: bool,
+    /// The tunnels serving it: id and agent identity.
+    pub carriers: Vec<(u64, String)>,
+}
+
 /// Services, the tunnels serving them, and their public listeners.
 pub struct Registry {
     inner: Mutex<Inner>,
@@ -423,6 +438,46 @@ impl Registry {
             .filter(|name| !inner.services.contains_key(*name))
             .cloned()
             .collect()
+    }
+
+    /// Every service a tunnel serves or reserves, and every withdrawn one, for `/status`.
+    pub fn service_rows(&self) -> Vec<ServiceRow> {
+        let inner = lock(&self.inner);
+        let mut rows: Vec<ServiceRow> = inner
+            .services
+            .iter()
+            .map(|(name, s)| ServiceRow {
+                name: name.clone(),
+                listen: s.spec.to_string(),
+                open: s.accepting,
+                withdrawn: false,
+                carriers: s.carriers.iter().map(|c| (c.id, c.agent.clone())).collect(),
+            })
+            .collect();
+        rows.extend(
+            inner
+                .withdrawn
+                .iter()
+                .filter(|name| !inner.services.contains_key(*name))
+                .map(|name| ServiceRow {
+                    name: name.clone(),
+                    listen: String::new(),
+                    open: false,
+                    withdrawn: true,
+                    carriers: Vec::new(),
+                }),
+        );
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        rows
+    }
+
+    /// The services each tunnel serves, by tunnel id.
+    pub fn services_of(&self, carrier: u64) -> Vec<String> {
+        lock(&self.inner)
+            .carrier_services
+            .get(&carrier)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Whether at least one public listener accepts partners now.

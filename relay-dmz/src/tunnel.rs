@@ -104,7 +104,12 @@ pub async fn serve(
         .peer_certificates()
         .map(<[_]>::to_vec)
         .unwrap_or_default();
-    let live = LiveGuard::new(&node, agent.clone(), chain);
+    let kind_label = if kind == Kind::Outbound {
+        m::OUTBOUND
+    } else {
+        m::INBOUND
+    };
+    let live = LiveGuard::new(&node, agent.clone(), chain, peer, kind_label);
     let cut = live.cut.clone();
     if kind == Kind::Outbound {
         // No registration on an outbound carrier: authenticated is done.
@@ -175,7 +180,8 @@ pub async fn serve(
     let ping_pong = connection.ping_pong().expect("ping_pong is taken once");
     let (outbox, inbox) = tokio::sync::mpsc::channel(control::QUEUE);
     let carrier = Arc::new(Carrier {
-        id: node.registry.next_carrier_id(),
+        // The same id as the live tunnel, so that `/status` can join the two.
+        id: live.id,
         agent: agent.clone(),
         instance: registration.instance.clone(),
         send,
@@ -184,6 +190,14 @@ pub async fn serve(
         runtime: tokio::runtime::Handle::current(),
         retired: Default::default(),
     });
+    if let Some(t) = node
+        .live
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&live.id)
+    {
+        t.instance = Some(registration.instance.clone());
+    }
     let guard = CarrierGuard {
         node: &node,
         carrier: &carrier,
@@ -239,6 +253,8 @@ impl<'a> LiveGuard<'a> {
         node: &'a Node,
         agent: String,
         chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        peer: SocketAddr,
+        kind: &'static str,
     ) -> Self {
         let id = node.registry.next_carrier_id();
         let cut = tokio_util::sync::CancellationToken::new();
@@ -252,6 +268,10 @@ impl<'a> LiveGuard<'a> {
             agent,
             chain,
             cut: cut.clone(),
+            peer,
+            since: std::time::SystemTime::now(),
+            kind,
+            instance: None,
         };
         let first = {
             let mut live = node.live.lock().unwrap_or_else(|p| p.into_inner());

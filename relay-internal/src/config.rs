@@ -66,6 +66,7 @@ struct Raw {
     #[serde(default)]
     outbound: Vec<RawOutbound>,
     outbound_proxy: Option<RawProxy>,
+    audit: Option<crate::syslog::RawAudit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +382,8 @@ pub struct AgentConfig {
     pub outbound_proxy: Option<SocketAddr>,
     /// TLS of the outbound carriers (same credentials, outbound ALPN).
     pub tls_outbound: Arc<rustls::ClientConfig>,
+    /// Where audit records go as syslog (`[audit]`), besides the log.
+    pub audit: Option<crate::syslog::SyslogConfig>,
 }
 
 impl AgentConfig {
@@ -758,7 +761,12 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
                 .map_err(|_| format!("invalid socket address {:?}", p.listen)),
         )
     });
+    let audit = raw
+        .audit
+        .as_ref()
+        .and_then(|a| crate::syslog::check(a, &mut err, base));
     err.into_result(|| AgentConfig {
+        audit,
         dmz,
         connections,
         keepalive,

@@ -43,7 +43,8 @@ pub async fn serve(
                 if changed.is_err() {
                     return;
                 }
-                let services = changes.borrow_and_update().declared();
+                changes.borrow_and_update();
+                let services = agent.declared();
                 control::send(&mut send, &AgentMessage::Register { services })
             }
             // A service withdrawn (no healthy target) or back: the full list, as after a reload.
@@ -52,7 +53,7 @@ pub async fn serve(
                     return;
                 }
                 declarations.borrow_and_update();
-                let services = agent.settings().declared();
+                let services = agent.declared();
                 control::send(&mut send, &AgentMessage::Register { services })
             }
             message = reader.next::<DmzMessage>() => match message {

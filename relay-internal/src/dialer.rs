@@ -162,11 +162,13 @@ pub async fn maintain(agent: Arc<Agent>, node_idx: usize, node: DmzNode, index: 
             Ok(reason) => {
                 backoff.reset();
                 last_failure = None;
+                agent.link_error(&node.addr, format!("tunnel lost: {reason}"));
                 span.in_scope(|| tracing::warn!(%reason, "tunnel lost; reconnecting"));
             }
             Err(e) => {
                 metrics::counter!(m::TUNNEL_CONNECTS, "result" => "error").increment(1);
                 let text = e.to_string();
+                agent.link_error(&node.addr, text.clone());
                 if last_failure.as_deref() != Some(text.as_str()) {
                     span.in_scope(|| tracing::warn!(error = %text, "cannot establish tunnel; retrying with backoff"));
                     last_failure = Some(text);
@@ -263,7 +265,7 @@ async fn serve_inbound(
         ping_pong,
         agent.keepalive,
         activity,
-        metrics::histogram!(m::TUNNEL_RTT),
+        agent.rtt_histogram(&node.addr),
     );
     tokio::pin!(keepalive);
     let mut draining = false;
@@ -359,7 +361,7 @@ async fn serve_outbound(
         ping_pong,
         agent.keepalive,
         activity,
-        metrics::histogram!(m::TUNNEL_RTT),
+        agent.rtt_histogram(&node.addr),
     );
     let ended = tokio::select! {
         r = &mut connection => match r {

@@ -103,6 +103,11 @@ impl ServiceState {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether each target is in the rotation now, in the configured order.
+    pub fn up(&self) -> Vec<bool> {
+        self.lock().targets.iter().map(|c| c.up).collect()
+    }
+
     /// Whether the service is withdrawn from the DMZ nodes now.
     pub fn withdrawn(&self) -> bool {
         self.lock().withdrawn_at.is_some()

@@ -41,7 +41,7 @@ pub async fn serve(
     let span = tracing::info_span!("session", id = %meta.session, service = %service.name, direction = m::INBOUND, partner = %meta.partner, %dmz);
     async move {
         let result =
-            pump::catch_panic(run(&agent, &service, &state, port_offset, &meta, request, respond, started))
+            pump::catch_panic(run(&agent, &dmz, &service, &state, port_offset, &meta, request, respond, started))
                 .await;
         let duration = started.elapsed();
         if let Some(Ok(_)) = result {
@@ -200,6 +200,7 @@ async fn connect(
 #[allow(clippy::too_many_arguments)]
 async fn run(
     agent: &Agent,
+    dmz: &str,
     service: &InboundService,
     state: &ServiceState,
     port_offset: u16,
@@ -242,7 +243,14 @@ async fn run(
     metrics::histogram!(m::SESSION_SETUP, "direction" => m::INBOUND).record(setup.as_secs_f64());
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.name.clone(), "direction" => m::INBOUND);
     active.increment(1.0);
-    let counters = PumpCounters::target_socket(&service.name);
+    let listed = agent.table.add(
+        &meta.session,
+        &service.name,
+        m::INBOUND,
+        meta.partner.to_string(),
+        dmz.to_owned(),
+    );
+    let counters = PumpCounters::target_socket(&service.name, listed.progress.clone());
     let ran = pump::pump(
         target,
         bytes::Bytes::new(),
@@ -250,7 +258,7 @@ async fn run(
         request.into_body(),
         &counters,
         agent.limits.pump(),
-        &agent.stop_sessions,
+        &listed.stop,
     )
     .await;
     active.decrement(1.0);

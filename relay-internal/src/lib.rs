@@ -13,6 +13,8 @@ pub mod pool;
 pub mod proxy;
 mod reload;
 pub mod socks5;
+mod status;
+pub mod syslog;
 
 use std::collections::HashMap;
 use std::io;
@@ -66,6 +68,14 @@ pub struct Agent {
     config: Mutex<AgentConfig>,
     /// Who may use the admin endpoint; replaced on reload.
     pub(crate) admin: Arc<admin::Guard>,
+    /// The sessions relaying bytes now (`/sessions`).
+    pub(crate) table: Arc<relay_tunnel::session::Table>,
+    /// Set by `POST /drain`: no service is declared, so the DMZ nodes send new sessions to
+    /// other agents; `POST /resume` clears it.
+    pub(crate) paused: std::sync::atomic::AtomicBool,
+    /// What `/status` says about each DMZ node.
+    pub(crate) links: Mutex<HashMap<String, status::Link>>,
+    pub(crate) started: std::time::SystemTime,
 }
 
 /// The part of the config a reload replaces: TLS material and inbound services.
@@ -125,6 +135,9 @@ impl Drop for TunnelUp<'_> {
             .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = connected.get_mut(&self.node) {
             *n -= 1;
+            if *n == 0 {
+                self.agent.link_up(&self.node, false);
+            }
         }
     }
 }
@@ -139,8 +152,17 @@ impl Agent {
     pub(crate) fn registration(&self) -> Registration {
         Registration {
             instance: self.instance.clone(),
-            services: self.settings().declared(),
+            services: self.declared(),
         }
+    }
+
+    /// The services to declare now: none while drained by an operator, else every service
+    /// not withdrawn for want of a healthy target.
+    pub(crate) fn declared(&self) -> Vec<relay_tunnel::protocol::ServiceDecl> {
+        if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+            return Vec::new();
+        }
+        self.settings().declared()
     }
 
     /// Tells every control stream to declare the services again (one was withdrawn or is back).
@@ -151,12 +173,13 @@ impl Agent {
     pub(crate) fn tunnel_up(&self, node: &str) -> TunnelUp<'_> {
         let gauge = metrics::gauge!(m::TUNNELS_CONNECTED, "dmz" => node.to_owned());
         gauge.increment(1.0);
-        *self
-            .connected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(node.to_owned())
-            .or_default() += 1;
+        let mut connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
+        let n = connected.entry(node.to_owned()).or_default();
+        *n += 1;
+        if *n == 1 {
+            self.link_up(node, true);
+        }
+        drop(connected);
         TunnelUp {
             agent: self,
             node: node.to_owned(),
@@ -187,7 +210,7 @@ impl Agent {
                 }
             }
         }
-        let declared = self.settings().declared();
+        let declared = self.declared();
         let mut all = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
         let node = all.entry(dmz.to_owned()).or_default();
         if full {
@@ -203,6 +226,11 @@ impl Agent {
     fn readiness(&self) -> Result<(), String> {
         if self.drain.is_cancelled() {
             return Err("draining: shutting down".into());
+        }
+        if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(
+                "drained by an operator: no service declared (POST /resume to undo)".into(),
+            );
         }
         let connected: Vec<String> = self
             .connected
@@ -263,6 +291,7 @@ pub async fn run(
     let metrics = relay_tunnel::telemetry::metrics_handle();
     relay_tunnel::metrics::build_info(env!("CARGO_PKG_NAME"));
     let admin_guard = admin::Guard::new(config.admin_access.clone());
+    let stop_sessions = CancellationToken::new();
     let agent = Arc::new(Agent {
         instance: format!("{:016x}", fastrand::u64(..)),
         settings: tokio::sync::watch::Sender::new(Arc::new(Settings::from_config(&config))),
@@ -276,12 +305,16 @@ pub async fn run(
         drain: CancellationToken::new(),
         drain_unconfirmed: TaskTracker::new(),
         stop_tunnels: CancellationToken::new(),
-        stop_sessions: CancellationToken::new(),
+        stop_sessions: stop_sessions.clone(),
         connected: Mutex::new(config.dmz.iter().map(|n| (n.addr.clone(), 0)).collect()),
         verdicts: Mutex::default(),
         log_limit: relay_tunnel::ratelog::RateLimit::new(std::time::Duration::from_secs(1)),
         config: Mutex::new(config.clone()),
         admin: admin_guard.clone(),
+        table: relay_tunnel::session::Table::new(stop_sessions.clone()),
+        paused: Default::default(),
+        links: Default::default(),
+        started: std::time::SystemTime::now(),
     });
     // Bind the engine-facing listeners first: a taken port is a startup error, not a log line,
     // and it returns before any task (admin endpoint, reload signal) is started.
@@ -306,13 +339,10 @@ pub async fn run(
     // when this function returns, after every tunnel and session has ended.
     let shards = Shards::per_core("relay-internal-shard")?;
 
-    let reload_agent = agent.clone();
-    let ready_agent = agent.clone();
     let control = admin::start(
         admin_listener,
         admin_guard,
-        Arc::new(move || ready_agent.readiness()),
-        Arc::new(move || reload::reload(&reload_agent)),
+        agent.clone(),
         metrics,
         &shutdown,
     );
@@ -340,6 +370,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let health_task = tokio::spawn(health::run(agent.clone()));
+    let audit = config.audit.as_ref().map(syslog::start);
     let shard = shards.handles();
     let tunnels = TaskTracker::new();
     let kinds: &[dialer::Kind] = if config.has_outbound() {
@@ -410,6 +441,10 @@ pub async fn run(
     agent.stop_tunnels.cancel();
     tunnels.close();
     tunnels.wait().await;
+    // Every session and control stream has written its audit record by now.
+    if let Some(audit) = audit {
+        audit.finish().await;
+    }
     control.stop().await;
     health_task.abort();
     drop(shards);

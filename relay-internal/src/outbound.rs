@@ -167,7 +167,14 @@ pub async fn relay(
         .record(started.elapsed().as_secs_f64());
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::OUTBOUND);
     active.increment(1.0);
-    let counters = PumpCounters::target_socket(service);
+    let listed = agent.table.add(
+        session,
+        service,
+        m::OUTBOUND,
+        opened.dialed.clone(),
+        dmz.clone(),
+    );
+    let counters = PumpCounters::target_socket(service, listed.progress.clone());
     let (moved, result) = pump::pump_on(
         &opened.lease.carrier().runtime,
         engine,
@@ -176,9 +183,10 @@ pub async fn relay(
         opened.recv,
         counters,
         agent.limits.pump(),
-        agent.stop_sessions.clone(),
+        listed.stop.clone(),
     )
     .await;
+    drop(listed);
     active.decrement(1.0);
     drop(opened.lease);
     metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());

@@ -32,6 +32,9 @@ fn apply(agent: &Agent) -> Result<String, String> {
     if new.outbound != current.outbound || new.outbound_proxy != current.outbound_proxy {
         restart.push("outbound/outbound_proxy");
     }
+    if new.audit != current.audit {
+        restart.push("audit");
+    }
     // By their Debug text: a TLS health check holds a rustls config, which has no equality.
     // The new settings apply either way; this only decides whether the DMZ nodes are told.
     let services_changed = format!("{:?}", new.inbound) != format!("{:?}", current.inbound);
@@ -48,6 +51,7 @@ fn apply(agent: &Agent) -> Result<String, String> {
     new.admin_listen = current.admin_listen;
     new.outbound = std::mem::take(&mut current.outbound);
     new.outbound_proxy = current.outbound_proxy;
+    new.audit = current.audit.take();
     crate::zero_sessions(&new);
     relay_tunnel::expiry::publish(&new.expiries);
     relay_tunnel::expiry::warn_all(&new.expiries, new.expiry_warning);

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ConfigError;
 use crate::ratelog::RateLimit;
+use crate::session::Kill;
 
 /// Concurrent admin connections served; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -71,12 +72,14 @@ impl Token {
 }
 
 /// Who may use the admin endpoint beyond `/livez` and `/readyz`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Access {
     /// Required as `Authorization: Bearer TOKEN`; without one the endpoint is open.
     pub token: Option<Token>,
     /// `/metrics` answers without the token.
     pub metrics_open: bool,
+    /// HTTPS (`admin.tls`), with client certificates when `admin.tls.client_ca` is set.
+    pub tls: Option<AdminTls>,
 }
 
 /// The `[admin]` table of both binaries' configs, as written.
@@ -87,6 +90,16 @@ pub struct RawAdmin {
     token_file: Option<String>,
     metrics_open: Option<bool>,
     expiry_warning: Option<String>,
+    tls: Option<RawAdminTls>,
+}
+
+/// `[admin.tls]`: HTTPS on the admin endpoint, with client certificates when `client_ca` is set.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminTls {
+    cert: String,
+    key: String,
+    client_ca: Option<String>,
 }
 
 impl RawAdmin {
@@ -106,7 +119,11 @@ impl RawAdmin {
                 .parse::<std::net::SocketAddr>()
                 .map_err(|_| format!("invalid socket address {:?}", raw.listen)),
         );
-        let access = Access::from_config(err, base, raw.token_file.as_deref(), raw.metrics_open);
+        let mut access =
+            Access::from_config(err, base, raw.token_file.as_deref(), raw.metrics_open);
+        if let Some(tls) = &raw.tls {
+            access.tls = tls.check(err, base);
+        }
         (listen, access)
     }
 
@@ -121,6 +138,70 @@ impl RawAdmin {
             humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}")),
         )
         .unwrap_or(crate::expiry::DEFAULT_WARNING)
+    }
+}
+
+impl RawAdminTls {
+    /// The HTTPS settings: TLS 1.2 or 1.3, HTTP/1.1; with `client_ca`, a client certificate
+    /// chaining to it is asked for, and required for everything but the probes.
+    fn check(&self, err: &mut ConfigError, base: &Path) -> Option<AdminTls> {
+        let resolve = |p: &str| crate::config::resolve(base, p);
+        let chain = err.check(
+            "admin.tls.cert",
+            crate::tls::load_certs(&resolve(&self.cert)),
+        );
+        let key = err.check("admin.tls.key", crate::tls::load_key(&resolve(&self.key)));
+        let verifier = match &self.client_ca {
+            Some(ca) => {
+                let roots =
+                    err.check("admin.tls.client_ca", crate::tls::load_roots(&resolve(ca)))?;
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    crate::tls::provider(),
+                )
+                // The probes stay open to load balancers and kubelets, which have no certificate.
+                .allow_unauthenticated()
+                .build();
+                Some(err.check("admin.tls.client_ca", verifier.map_err(|e| e.to_string()))?)
+            }
+            None => None,
+        };
+        let (chain, key) = (chain?, key?);
+        let builder = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("the provider supports the default versions");
+        let client_certificates = verifier.is_some();
+        let builder = match verifier {
+            Some(v) => builder.with_client_cert_verifier(v),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = err.check(
+            "admin.tls.key",
+            builder
+                .with_single_cert(chain, key)
+                .map_err(|e| format!("certificate and key: {e}")),
+        )?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(AdminTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            client_certificates,
+        })
+    }
+}
+
+/// HTTPS on the admin endpoint.
+#[derive(Clone)]
+pub struct AdminTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// Whether requests beyond the probes need a verified client certificate.
+    client_certificates: bool,
+}
+
+impl fmt::Debug for AdminTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminTls")
+            .field("client_certificates", &self.client_certificates)
+            .finish()
     }
 }
 
@@ -148,6 +229,7 @@ impl Access {
         Self {
             token,
             metrics_open: metrics_open.unwrap_or(false),
+            tls: None,
         }
     }
 }
@@ -182,15 +264,27 @@ impl Guard {
     }
 
     /// Whether a request for `path` with `headers` may be answered; else the reason label.
-    fn allows(&self, path: &str, headers: &http::HeaderMap) -> Result<(), &'static str> {
+    fn allows(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        client_certified: bool,
+    ) -> Result<(), &'static str> {
         if matches!(path, "/livez" | "/readyz") {
             return Ok(());
         }
         let access = self.access.read().unwrap_or_else(|p| p.into_inner());
+        let open_metrics = path == "/metrics" && access.metrics_open;
+        if !open_metrics
+            && !client_certified
+            && access.tls.as_ref().is_some_and(|t| t.client_certificates)
+        {
+            return Err("no_client_certificate");
+        }
         let Some(token) = &access.token else {
             return Ok(());
         };
-        if path == "/metrics" && access.metrics_open {
+        if open_metrics {
             return Ok(());
         }
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
@@ -210,11 +304,22 @@ impl Guard {
     }
 }
 
-/// Answers `/readyz`: `Ok` when ready, else the one-line reason.
-pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
-
-/// Reloads the config (`POST /reload`, SIGHUP): a summary of what changed, or why nothing did.
-pub type Reloader = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+/// What a binary answers on its admin endpoint beyond `/livez` and `/metrics`.
+pub trait Api: Send + Sync + 'static {
+    /// `/readyz`: `Ok` when ready, else the one-line reason.
+    fn ready(&self) -> Result<(), String>;
+    /// `POST /reload` and SIGHUP: a summary of what changed, or why nothing did.
+    fn reload(&self) -> Result<String, String>;
+    /// `GET /status`: the node, its peers and its services, as JSON.
+    fn status(&self) -> serde_json::Value;
+    /// The sessions being relayed (`GET /sessions`, `DELETE /sessions/{id}`).
+    fn sessions(&self) -> &crate::session::Table;
+    /// `POST /drain` (`true`) and `POST /resume` (`false`): what changed, or why not. `None`
+    /// where the binary has no such operation (404).
+    fn drain(&self, _drain: bool) -> Option<Result<String, String>> {
+        None
+    }
+}
 
 /// Counts and logs the outcome of a reload, and passes it on.
 pub fn counted_reload(result: Result<String, String>) -> Result<String, String> {
@@ -240,14 +345,13 @@ pub struct Control {
 pub fn start(
     listener: Option<TcpListener>,
     guard: Arc<Guard>,
-    ready: Readiness,
-    reload: Reloader,
+    api: Arc<dyn Api>,
     metrics: PrometheusHandle,
     shutdown: &CancellationToken,
 ) -> Control {
-    let on_hup = reload.clone();
+    let on_hup = api.clone();
     tokio::spawn(crate::signals::on_reload(
-        move || on_hup(),
+        move || on_hup.reload(),
         shutdown.clone(),
     ));
     let stop = CancellationToken::new();
@@ -265,7 +369,7 @@ pub fn start(
                  every other path answer anyone who can reach it"
             );
         }
-        tasks.spawn(serve(l, guard, ready, Some(reload), metrics, stop.clone()));
+        tasks.spawn(serve(l, guard, api, metrics, stop.clone()));
     }
     tasks.close();
     Control { stop, tasks }
@@ -283,8 +387,7 @@ impl Control {
 async fn serve(
     listener: TcpListener,
     guard: Arc<Guard>,
-    ready: Readiness,
-    reload: Option<Reloader>,
+    api: Arc<dyn Api>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 ) {
@@ -303,29 +406,28 @@ async fn serve(
         // even when the admin endpoint listens on every interface for probes and scrapes.
         let local = peer.ip().is_loopback();
         let guard = guard.clone();
-        let ready = ready.clone();
-        let reload = reload.clone();
+        let api = api.clone();
         let metrics = metrics.clone();
+        let tls = guard.access().tls;
         tasks.spawn(async move {
             let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let response = route(
-                    &req,
-                    peer,
-                    &guard,
-                    &ready,
-                    reload.as_ref().filter(|_| local),
-                    local,
-                    &metrics,
-                );
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            let served = async {
+                let Some(tls) = tls else {
+                    let request = Request { peer, local, client_certified: false };
+                    return answer(stream, request, guard, api, metrics).await;
+                };
+                let Ok(Ok(stream)) = tokio::time::timeout(HEADER_TIMEOUT, tls.acceptor.accept(stream)).await
+                else {
+                    if let Some(suppressed) = guard.log_limit.check("tls") {
+                        tracing::warn!(%peer, suppressed, "admin TLS handshake failed or timed out");
+                    }
+                    return;
+                };
+                let client_certified = stream.get_ref().1.peer_certificates().is_some();
+                let request = Request { peer, local, client_certified };
+                answer(stream, request, guard, api, metrics).await;
+            };
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, served).await;
         });
     }
     drop(listener);
@@ -333,19 +435,50 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
 }
 
-fn route(
-    req: &Request<Incoming>,
+/// Where an admin request comes from.
+#[derive(Clone, Copy)]
+struct Request {
     peer: std::net::SocketAddr,
-    guard: &Guard,
-    ready: &Readiness,
-    reload: Option<&Reloader>,
+    /// From a loopback address.
     local: bool,
+    /// Over TLS with a client certificate the CA verified.
+    client_certified: bool,
+}
+
+/// Serves the one request of an admin connection.
+async fn answer<IO>(
+    io: IO,
+    from: Request,
+    guard: Arc<Guard>,
+    api: Arc<dyn Api>,
+    metrics: PrometheusHandle,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let response = route(&req, from, &guard, api.as_ref(), &metrics);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
+fn route(
+    req: &http::Request<Incoming>,
+    from: Request,
+    guard: &Guard,
+    api: &dyn Api,
     metrics: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
-    if let Err(reason) = guard.allows(req.uri().path(), req.headers()) {
+    let (peer, local) = (from.peer, from.local);
+    if let Err(reason) = guard.allows(req.uri().path(), req.headers(), from.client_certified) {
         metrics::counter!(crate::metrics::ADMIN_REJECTIONS, "reason" => reason).increment(1);
         if let Some(suppressed) = guard.log_limit.check(reason) {
-            tracing::warn!(%peer, reason, suppressed, "admin request without a valid token refused");
+            tracing::warn!(%peer, reason, suppressed, "admin request without a valid credential refused");
         }
         // Nothing about the node: not even whether the path exists.
         let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n".into());
@@ -355,26 +488,52 @@ fn route(
         );
         return response;
     }
-    if req.uri().path() == "/reload" {
-        return match (req.method(), reload) {
-            (&Method::POST, Some(reload)) => match reload() {
+    let path = req.uri().path();
+    if path == "/reload" {
+        return match (req.method(), local) {
+            (&Method::POST, true) => match api.reload() {
                 Ok(summary) => text(StatusCode::OK, format!("{summary}\n")),
                 Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{reason}\n")),
             },
-            (&Method::POST, None) if !local => text(
+            (&Method::POST, false) => text(
                 StatusCode::FORBIDDEN,
                 "reload is accepted from this host only\n".into(),
             ),
-            (&Method::POST, None) => text(StatusCode::NOT_FOUND, "not found\n".into()),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n".into()),
+        };
+    }
+    if let Some(id) = path.strip_prefix("/sessions/") {
+        if req.method() != Method::DELETE {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only DELETE\n".into());
+        }
+        return match api.sessions().kill(id) {
+            Kill::Killed => {
+                tracing::info!(session = id, %peer, "session killed by an operator");
+                text(StatusCode::OK, format!("session {id} killed\n"))
+            }
+            Kill::NotFound => text(StatusCode::NOT_FOUND, format!("no session {id} here\n")),
+            Kill::Malformed => text(
+                StatusCode::BAD_REQUEST,
+                "a session id is 16 hexadecimal digits\n".into(),
+            ),
+        };
+    }
+    if matches!(path, "/drain" | "/resume") {
+        return match (req.method(), api.drain(path == "/drain")) {
+            (_, None) => text(StatusCode::NOT_FOUND, "not found\n".into()),
+            (&Method::POST, Some(Ok(summary))) => text(StatusCode::OK, format!("{summary}\n")),
+            (&Method::POST, Some(Err(reason))) => text(StatusCode::CONFLICT, format!("{reason}\n")),
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n".into()),
         };
     }
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
-    match req.uri().path() {
+    match path {
         "/livez" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match ready() {
+        "/status" => json(&api.status()),
+        "/sessions" => json(&serde_json::json!({ "sessions": api.sessions().list() })),
+        "/readyz" => match api.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
         },
@@ -388,6 +547,17 @@ fn route(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_string_pretty(value).unwrap_or_default();
+    body.push('\n');
+    let mut response = text(StatusCode::OK, body);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -422,6 +592,7 @@ mod tests {
     fn guard(metrics_open: bool) -> Arc<Guard> {
         let f = token_file(&format!("{TOKEN}\n"));
         Guard::new(Access {
+            tls: None,
             token: Some(Token::read(f.path()).expect("token")),
             metrics_open,
         })
@@ -453,37 +624,41 @@ mod tests {
     fn probes_are_open_and_the_rest_needs_the_token() {
         let g = guard(false);
         for path in ["/livez", "/readyz"] {
-            assert_eq!(g.allows(path, &headers(None)), Ok(()), "{path}");
+            assert_eq!(g.allows(path, &headers(None), false), Ok(()), "{path}");
         }
         for path in ["/metrics", "/reload", "/nothing-here"] {
-            assert_eq!(g.allows(path, &headers(None)), Err("missing"), "{path}");
             assert_eq!(
-                g.allows(path, &headers(Some("Bearer wrong-token-0123456"))),
+                g.allows(path, &headers(None), false),
+                Err("missing"),
+                "{path}"
+            );
+            assert_eq!(
+                g.allows(path, &headers(Some("Bearer wrong-token-0123456")), false),
                 Err("invalid"),
                 "{path}"
             );
             assert_eq!(
-                g.allows(path, &headers(Some(&format!("Basic {TOKEN}")))),
+                g.allows(path, &headers(Some(&format!("Basic {TOKEN}"))), false),
                 Err("invalid"),
                 "{path}"
             );
             assert_eq!(
-                g.allows(path, &headers(Some(&format!("bearer {TOKEN}")))),
+                g.allows(path, &headers(Some(&format!("bearer {TOKEN}"))), false),
                 Ok(()),
                 "{path}"
             );
         }
         let g = guard(true);
-        assert_eq!(g.allows("/metrics", &headers(None)), Ok(()));
-        assert_eq!(g.allows("/reload", &headers(None)), Err("missing"));
+        assert_eq!(g.allows("/metrics", &headers(None), false), Ok(()));
+        assert_eq!(g.allows("/reload", &headers(None), false), Err("missing"));
     }
 
     #[test]
     fn without_a_token_everything_is_open_and_a_reload_can_set_one() {
         let g = Guard::new(Access::default());
-        assert_eq!(g.allows("/metrics", &headers(None)), Ok(()));
+        assert_eq!(g.allows("/metrics", &headers(None), false), Ok(()));
         g.set(guard(false).access());
-        assert_eq!(g.allows("/metrics", &headers(None)), Err("missing"));
+        assert_eq!(g.allows("/metrics", &headers(None), false), Err("missing"));
     }
 
     #[test]

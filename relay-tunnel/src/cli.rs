@@ -1,17 +1,15 @@
 //! The command line both binaries share: run, `check`, `health`; exit codes.
 
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
+use crate::console;
 use crate::telemetry::{self, LogFormat};
 
 /// Exit code for a bad config or command line (EX_USAGE).
@@ -42,7 +40,64 @@ enum Command {
         /// Path to ask: /readyz or /livez.
         #[arg(long, default_value = "/readyz")]
         path: String,
+        /// CA of the admin endpoint's certificate, for an endpoint with admin.tls (HTTPS).
+        #[arg(long, value_name = "FILE")]
+        cacert: Option<PathBuf>,
     },
+    /// Show a running node's status as tables; exit 0 if it is ready, 1 if not.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the JSON of GET /status instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the sessions a running node is relaying.
+    Sessions {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the JSON of GET /sessions instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reset a session on both sides (its audit record says `killed`).
+    Kill {
+        /// The session id (16 hexadecimal digits, as `sessions` lists it).
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Agent: stop taking new sessions from the DMZ nodes; running sessions go on.
+    Drain {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Agent: take new sessions again after `drain`.
+    Resume {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Which admin endpoint an operator's command asks.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin endpoint `HOST:PORT` [default: admin.listen of --config, else the binary's
+    /// default].
+    #[arg(long)]
+    admin: Option<String>,
+    /// File holding the admin token [default: admin.token_file of --config].
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA of the admin endpoint's certificate, for an endpoint with admin.tls (HTTPS).
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Client certificate, for an endpoint with admin.tls.client_ca.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 /// Parses the command line and runs the binary `name`: `load` reads the config, `serve` runs
@@ -78,14 +133,67 @@ where
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(Command::Health { admin, path }) = &cli.command {
-        return match health(admin, path) {
+    if let Some(Command::Health {
+        admin,
+        path,
+        cacert,
+    }) = &cli.command
+    {
+        return match health(admin, path, cacert.clone()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{name}: unhealthy: {e}");
                 ExitCode::FAILURE
             }
         };
+    }
+    let operator = |admin: &AdminArgs| {
+        let tls = console::TlsOptions {
+            ca: admin.cacert.clone(),
+            cert: admin.cert.clone(),
+            key: admin.key.clone(),
+        };
+        console::Target::resolve(
+            admin.admin.clone(),
+            admin.token_file.clone(),
+            &tls,
+            cli.config.as_deref(),
+            default_admin,
+        )
+    };
+    let asked = match &cli.command {
+        Some(Command::Status { admin, json }) => Some(
+            operator(admin)
+                .and_then(|t| console::status(&t, *json).map(|ready| if ready { 0 } else { 1 })),
+        ),
+        Some(Command::Sessions { admin, json }) => {
+            Some(operator(admin).and_then(|t| console::sessions(&t, *json).map(|()| 0)))
+        }
+        Some(Command::Kill { id, admin }) => Some(operator(admin).and_then(|t| {
+            let answer = console::act(&t, "DELETE", &format!("/sessions/{id}"))?;
+            println!("{answer}");
+            Ok(0)
+        })),
+        Some(Command::Drain { admin }) | Some(Command::Resume { admin }) => {
+            let path = if matches!(cli.command, Some(Command::Drain { .. })) {
+                "/drain"
+            } else {
+                "/resume"
+            };
+            Some(operator(admin).and_then(|t| {
+                println!("{}", console::act(&t, "POST", path)?);
+                Ok(0)
+            }))
+        }
+        _ => None,
+    };
+    match asked {
+        Some(Ok(code)) => return ExitCode::from(code),
+        Some(Err(e)) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(2);
+        }
+        None => {}
     }
     let Some(path) = cli.config else {
         eprintln!("{name}: --config PATH (or RELAY_CONFIG) is required");
@@ -124,41 +232,16 @@ where
     }
 }
 
-/// `GET path` on the admin endpoint; `Ok` on a 200 answer within 3 seconds.
-fn health(admin: &str, path: &str) -> Result<(), String> {
-    const TIMEOUT: Duration = Duration::from_secs(3);
-    let addr = admin
-        .to_socket_addrs()
-        .map_err(|e| format!("{admin}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{admin}: no address"))?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut answer = Vec::new();
-    stream
-        .take(4096)
-        .read_to_end(&mut answer)
-        .map_err(|e| e.to_string())?;
-    let answer = String::from_utf8_lossy(&answer);
-    let status = answer.lines().next().unwrap_or("");
-    if status.starts_with("HTTP/1.1 200") {
-        Ok(())
-    } else {
-        let body = answer
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.trim())
-            .unwrap_or("");
-        Err(format!("{status} {body}").trim().to_owned())
+/// `GET path` on the admin endpoint; `Ok` on a 200 answer.
+fn health(admin: &str, path: &str, cacert: Option<PathBuf>) -> Result<(), String> {
+    let tls = console::TlsOptions {
+        ca: cacert,
+        ..Default::default()
+    };
+    let mut target = console::Target::resolve(Some(admin.to_owned()), None, &tls, None, admin)?;
+    target.timeout = std::time::Duration::from_secs(3);
+    match target.request("GET", path)? {
+        (200, _) => Ok(()),
+        (status, body) => Err(format!("{status} {}", body.trim())),
     }
 }

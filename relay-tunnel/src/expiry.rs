@@ -96,6 +96,19 @@ impl Expiry {
         humantime::format_rfc3339_seconds(t).to_string()
     }
 
+    /// This item in `/status`: its date, the time left, and whether that is within `warning`.
+    pub fn status(&self, warning: Duration) -> serde_json::Value {
+        let left = self.left(SystemTime::now());
+        serde_json::json!({
+            "what": self.what,
+            "subject": self.subject,
+            "not_after": self.date(),
+            "left": human_left(left),
+            "left_seconds": left,
+            "expiring": left <= i64::try_from(warning.as_secs()).unwrap_or(i64::MAX),
+        })
+    }
+
     /// Logs a warning if this item expires within `within` of `now` (an error once expired);
     /// returns whether it did.
     pub fn warn(&self, within: Duration, now: SystemTime) -> bool {

@@ -5,9 +5,11 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod expiry;
 pub mod first_bytes;
@@ -19,6 +21,7 @@ pub mod protocol;
 pub mod proxyproto;
 pub mod pump;
 pub mod ratelog;
+pub mod session;
 pub mod shards;
 pub mod signals;
 pub mod telemetry;

@@ -29,8 +29,8 @@ pub const LISTENER_OPEN: &str = "relay_listener_open";
 pub const REJECTIONS: &str = "relay_rejections_total";
 /// Counter: service registrations by `result` (`accepted`, `rejected`).
 pub const REGISTRATIONS: &str = "relay_registrations_total";
-/// Counter: admin requests refused for want of a valid token, by `reason` (`missing`,
-/// `invalid`).
+/// Counter: admin requests refused for want of a valid credential, by `reason` (`missing`,
+/// `invalid`: the token; `no_client_certificate`: with `admin.tls.client_ca`).
 pub const ADMIN_REJECTIONS: &str = "relay_admin_rejections_total";
 /// Counter: config reloads by `result` (`ok`, `error`).
 pub const CONFIG_RELOADS: &str = "relay_config_reloads_total";
@@ -60,6 +60,14 @@ pub const WITHDRAWALS: &str = "relay_service_withdrawals_total";
 /// Counter (agent): target connects of inbound sessions that failed and moved on to the next
 /// target, by `service` and `target`.
 pub const TARGET_FAILOVERS: &str = "relay_target_failovers_total";
+
+/// Counter (agent): audit records handed to the syslog collector (written to its connection).
+pub const AUDIT_SENT: &str = "relay_audit_sent_total";
+/// Counter (agent): audit records dropped because the syslog queue was full, or still unsent
+/// at shutdown.
+pub const AUDIT_DROPPED: &str = "relay_audit_dropped_total";
+/// Gauge (agent): 1 while a connection to the syslog collector is up.
+pub const AUDIT_CONNECTED: &str = "relay_audit_connected";
 
 /// `relay_rejections_total` reasons of the DMZ, as docs/OPERATIONS.md lists them: each series
 /// exists from the start at 0, so that `rate()` and alerts work before the first refusal.
@@ -99,6 +107,7 @@ const COMMON_RESULTS: &[&str] = &[
     "drain_timeout",
     "internal_error",
     "reset",
+    "killed",
 ];
 /// `relay_sessions_total` results of the DMZ's inbound sessions beyond [`COMMON_RESULTS`].
 pub const DMZ_INBOUND_RESULTS: &[&str] = &[
@@ -124,8 +133,8 @@ pub const OUTBOUND_RESULTS: &[&str] = &[
 ];
 
 /// Creates, at 0, the counters of `binary` (`relay-dmz` or `relay-internal`) whose label
-/// values are known at start: rejections by reason, tunnel connects, registrations, reloads and
-/// admin refusals.
+/// values are known at start: rejections by reason, tunnel connects, registrations, reloads,
+/// admin refusals, and the agent's audit records sent and dropped.
 pub fn zero_counters(binary: &str) {
     let dmz = binary == "relay-dmz";
     let reasons = if dmz {
@@ -139,7 +148,7 @@ pub fn zero_counters(binary: &str) {
     for result in ["ok", "error"] {
         metrics::counter!(CONFIG_RELOADS, "result" => result).increment(0);
     }
-    for reason in ["missing", "invalid"] {
+    for reason in ["missing", "invalid", "no_client_certificate"] {
         metrics::counter!(ADMIN_REJECTIONS, "reason" => reason).increment(0);
     }
     metrics::counter!(TUNNEL_CONNECTS, "result" => "ok").increment(0);
@@ -149,6 +158,8 @@ pub fn zero_counters(binary: &str) {
         }
     } else {
         metrics::counter!(TUNNEL_CONNECTS, "result" => "error").increment(0);
+        metrics::counter!(AUDIT_SENT).increment(0);
+        metrics::counter!(AUDIT_DROPPED).increment(0);
     }
 }
 
@@ -234,6 +245,18 @@ pub fn describe() {
     describe_counter!(
         TARGET_FAILOVERS,
         "Target connects that failed and moved on to the next target."
+    );
+    describe_counter!(
+        AUDIT_SENT,
+        "Audit records written to the syslog collector's connection."
+    );
+    describe_counter!(
+        AUDIT_DROPPED,
+        "Audit records dropped: the syslog queue was full, or they were unsent at shutdown."
+    );
+    describe_gauge!(
+        AUDIT_CONNECTED,
+        "1 while a connection to the syslog collector is up."
     );
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
     describe_gauge!(

@@ -10,6 +10,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use tracing::Instrument;
 use crate::h2conf::READ_BUFFER;
 use crate::metrics as m;
 use crate::net;
+use crate::session::{self, Progress};
 
 /// Byte counts of a finished or failed session.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +54,9 @@ pub enum PumpError {
     /// The relay stopped the session (shutdown deadline).
     #[error("stopped by shutdown")]
     Stopped,
+    /// An operator killed the session (`DELETE /sessions/{id}`).
+    #[error("killed by an operator")]
+    Killed,
     /// The pump's task panicked (a bug): both sides were reset.
     #[error("internal error: the session's task panicked")]
     Panicked,
@@ -68,6 +73,10 @@ pub fn outcome(result: &Result<(), PumpError>) -> &'static str {
         Err(PumpError::Idle(_)) => "idle",
         Err(PumpError::HalfClosed(_)) => "half_closed",
         Err(PumpError::Stopped) => "drain_timeout",
+        Err(PumpError::Killed) => session::KILLED,
+        Err(PumpError::Stream(e)) if e.reason() == Some(Reason::from(session::KILLED_CODE)) => {
+            session::KILLED
+        }
         Err(PumpError::Socket(_) | PumpError::Stream(_)) => "reset",
         Err(PumpError::Panicked) => INTERNAL_ERROR,
     }
@@ -84,29 +93,48 @@ pub fn catch_panic<F: Future>(part: F) -> impl Future<Output = Option<F::Output>
     AssertUnwindSafe(part).catch_unwind().map(Result::ok)
 }
 
-/// Counters a pump advances as bytes move, so long sessions show in metrics while they run.
+/// Counters a pump advances as bytes move, so long sessions show in metrics (and in the
+/// session table) while they run.
 #[derive(Debug, Clone)]
 pub struct PumpCounters {
     /// Advanced by bytes sent into the stream.
     pub to_stream: metrics::Counter,
     /// Advanced by bytes written to the socket.
     pub to_socket: metrics::Counter,
+    /// The session's entry in the session table.
+    progress: Arc<Progress>,
+    /// Whether the socket is the partner's (DMZ side) or the target's (agent side).
+    partner_socket: bool,
 }
 
 impl PumpCounters {
     /// Counters of a pump whose socket is the partner's (the DMZ side).
-    pub fn partner_socket(service: &str) -> Self {
+    pub fn partner_socket(service: &str, progress: Arc<Progress>) -> Self {
         Self {
             to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
             to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
+            progress,
+            partner_socket: true,
         }
     }
 
     /// Counters of a pump whose socket is the trading engine's or the target's (the agent side).
-    pub fn target_socket(service: &str) -> Self {
+    pub fn target_socket(service: &str, progress: Arc<Progress>) -> Self {
         Self {
             to_stream: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::TARGET_TO_PARTNER),
             to_socket: metrics::counter!(m::BYTES, "service" => service.to_owned(), "direction" => m::PARTNER_TO_TARGET),
+            progress,
+            partner_socket: false,
+        }
+    }
+
+    /// The session's byte totals: (into the stream, onto the socket).
+    fn totals(&self) -> (&AtomicU64, &AtomicU64) {
+        let p = &self.progress;
+        if self.partner_socket {
+            (&p.to_target, &p.to_partner)
+        } else {
+            (&p.to_partner, &p.to_target)
         }
     }
 }
@@ -168,8 +196,7 @@ async fn copy_both_ways(
             half_closed_now.notify_one();
         }
     };
-    let to_stream = AtomicU64::new(0);
-    let to_socket = AtomicU64::new(0);
+    let (to_stream, to_socket) = counters.totals();
 
     let up = async {
         let mut pacing = Pacing::default();
@@ -184,7 +211,7 @@ async fn copy_both_ways(
             &mut send,
             &mut pacing,
             &counters.to_stream,
-            &to_stream,
+            to_stream,
             &touch,
         )
         .await;
@@ -192,7 +219,7 @@ async fn copy_both_ways(
         r
     };
     let down = async {
-        let r = stream_to_socket(&mut recv, tcp, &counters.to_socket, &to_socket, &touch).await;
+        let r = stream_to_socket(&mut recv, tcp, &counters.to_socket, to_socket, &touch).await;
         ended(&r);
         r
     };
@@ -225,15 +252,24 @@ async fn copy_both_ways(
     let result = tokio::select! {
         r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
         e = watch => Err(e),
-        _ = stop.cancelled() => Err(PumpError::Stopped),
+        _ = stop.cancelled() => Err(if counters.progress.killed.load(Ordering::Relaxed) {
+            PumpError::Killed
+        } else {
+            PumpError::Stopped
+        }),
     };
+    match &result {
+        Ok(()) => {}
+        // The other side records the session as killed too.
+        Err(PumpError::Killed) => send.send_reset(Reason::from(session::KILLED_CODE)),
+        Err(_) => send.send_reset(Reason::CANCEL),
+    }
     if result.is_err() {
-        send.send_reset(Reason::CANCEL);
         net::set_reset_on_close(tcp);
     }
     let moved = Transferred {
-        to_stream: to_stream.into_inner(),
-        to_socket: to_socket.into_inner(),
+        to_stream: to_stream.load(Ordering::Relaxed),
+        to_socket: to_socket.load(Ordering::Relaxed),
     };
     (moved, result)
 }
@@ -449,36 +485,71 @@ mod tests {
         );
     }
 
+    /// One HTTP/2 stream over an in-memory connection, whose server end the pump gets, and a
+    /// TCP connection on loopback, whose accepted end the pump gets.
+    struct Session {
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        /// What the pump sends into the stream, as the other side receives it.
+        from_pump: RecvStream,
+        /// Keeps the other side's half of the stream open.
+        _to_pump: SendStream<Bytes>,
+        tcp: TcpStream,
+        /// The other end of `tcp`.
+        peer: TcpStream,
+    }
+
+    impl Session {
+        async fn new() -> Self {
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            let server = tokio::spawn(async move {
+                let mut conn = h2::server::handshake(server_io).await.unwrap();
+                let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+                let send = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                tokio::spawn(async move { while conn.accept().await.is_some() {} });
+                (send, request.into_body())
+            });
+            let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+            tokio::spawn(conn);
+            let (response, to_pump) = client.send_request(http::Request::new(()), false).unwrap();
+            let (send, recv) = server.await.unwrap();
+            let from_pump = response.await.unwrap().into_body();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let peer = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            Self {
+                send,
+                recv,
+                from_pump,
+                _to_pump: to_pump,
+                tcp,
+                peer,
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_pump_that_panics_resets_both_sides_and_says_so() {
-        // One HTTP/2 stream over an in-memory connection: the pump gets the server's end.
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(async move {
-            let mut conn = h2::server::handshake(server_io).await.unwrap();
-            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
-            let send = respond
-                .send_response(http::Response::new(()), false)
-                .unwrap();
-            tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            (send, request.into_body())
-        });
-        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
-        tokio::spawn(conn);
-        let (response, _client_send) = client.send_request(http::Request::new(()), false).unwrap();
-        let (send, recv) = server.await.unwrap();
-        let mut from_pump = response.await.unwrap().into_body();
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (tcp, _) = listener.accept().await.unwrap();
+        let Session {
+            send,
+            recv,
+            mut from_pump,
+            tcp,
+            mut peer,
+            ..
+        } = Session::new().await;
         peer.write_all(b"first bytes").await.unwrap();
 
         let broken = metrics::Counter::from_arc(Arc::new(Broken));
         let counters = PumpCounters {
             to_stream: broken.clone(),
             to_socket: broken,
+            progress: Default::default(),
+            partner_socket: true,
         };
         let limits = PumpLimits {
             idle_timeout: Duration::from_secs(60),
@@ -515,5 +586,62 @@ mod tests {
         .expect("the stream's peer learns at once");
         let reason = stream_end.and_then(|r| r.err()).and_then(|e| e.reason());
         assert_eq!(reason, Some(Reason::CANCEL), "the stream is reset");
+    }
+
+    #[tokio::test]
+    async fn a_killed_session_resets_both_sides_and_tells_the_other_side() {
+        let Session {
+            send,
+            recv,
+            mut from_pump,
+            tcp,
+            mut peer,
+            ..
+        } = Session::new().await;
+
+        let table = session::Table::new(CancellationToken::new());
+        let entry = table.add(
+            "00000000000000c3",
+            "sftp",
+            m::INBOUND,
+            "-".into(),
+            "-".into(),
+        );
+        let counters = PumpCounters::partner_socket("sftp", entry.progress.clone());
+        let limits = PumpLimits {
+            idle_timeout: Duration::from_secs(60),
+            half_closed_timeout: Duration::from_secs(60),
+        };
+        let pumping = tokio::spawn(async move {
+            let stop = entry.stop.clone();
+            let (moved, result) =
+                pump(tcp, Bytes::new(), send, recv, &counters, limits, &stop).await;
+            (moved, outcome(&result), result)
+        });
+        peer.write_all(b"before the kill").await.unwrap();
+        let first = from_pump.data().await.unwrap().unwrap();
+        assert_eq!(&first[..], b"before the kill");
+        assert_eq!(table.list()[0].bytes_partner_to_target, 15);
+        assert_eq!(table.kill("00000000000000c3"), session::Kill::Killed);
+        let (moved, label, result) = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the pump returns")
+            .unwrap();
+        assert!(matches!(result, Err(PumpError::Killed)), "{result:?}");
+        assert_eq!((label, moved.to_stream), (session::KILLED, 15));
+        // The other side's stream is reset with the code that says "killed".
+        let reset = loop {
+            match from_pump.data().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e,
+                None => panic!("stream ended without a reset"),
+            }
+        };
+        assert_eq!(outcome(&Err(PumpError::Stream(reset))), session::KILLED);
+        // The partner's socket is reset.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), peer.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Err(_))), "{read:?}");
+        assert!(table.is_empty());
     }
 }

@@ -33,22 +33,28 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the global tracing subscriber: level from `RUST_LOG` (default `info`), to stderr.
+/// Installs the global tracing subscriber: level from `RUST_LOG` (default `info`), to stderr;
+/// and the tap of audit records ([`crate::audit`]), which `RUST_LOG` does not filter, so that
+/// records sent to a syslog collector do not depend on the log level.
 pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
+    let log = match format {
+        LogFormat::Text => log.boxed(),
+        LogFormat::Json => log
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(crate::audit::tap())
+        .try_init();
     log_panics();
 }
 

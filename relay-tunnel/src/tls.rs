@@ -82,6 +82,16 @@ impl Credentials {
     pub fn leaf(&self) -> &CertificateDer<'static> {
         &self.chain[0]
     }
+
+    /// The certificate chain.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// A copy of the private key.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
 }
 
 fn pem_reason(e: rustls_pki_types::pem::Error) -> String {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use relay_e2e::metric;
 use relay_e2e::procfs::rss_bytes;
 use relay_tunnel::metrics as names;
-use relay_tunnel::{admin, telemetry};
+use relay_tunnel::{admin, session, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Samples recorded per round: 2 Mi of them hold 32 MiB while queued (a value and a timestamp
@@ -17,6 +17,24 @@ use tokio_util::sync::CancellationToken;
 const SAMPLES: u64 = 2 << 20;
 /// Growth allowed over a round once the first round's memory can be reused.
 const SLACK: u64 = 8 << 20;
+
+/// A binary with nothing to say: ready, no reload, no sessions.
+struct Idle(Arc<session::Table>);
+
+impl admin::Api for Idle {
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn reload(&self) -> Result<String, String> {
+        Err("no reload in this test".into())
+    }
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn sessions(&self) -> &session::Table {
+        &self.0
+    }
+}
 
 fn rss() -> u64 {
     rss_bytes(std::process::id()).expect("VmRSS of this process")
@@ -36,8 +54,7 @@ async fn histogram_samples_are_drained_without_a_scrape() {
     let control = admin::start(
         None,
         admin::Guard::new(admin::Access::default()),
-        Arc::new(|| Ok(())),
-        Arc::new(|| Err("no reload in this test".into())),
+        Arc::new(Idle(session::Table::new(CancellationToken::new()))),
         metrics.clone(),
         &shutdown,
     );

@@ -11,6 +11,8 @@
 mod admin_auth;
 #[path = "operations/alerts.rs"]
 mod alerts;
+#[path = "operations/console.rs"]
+mod console;
 #[path = "operations/dashboard.rs"]
 mod dashboard;
 #[path = "operations/drain.rs"]

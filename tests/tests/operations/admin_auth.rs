@@ -172,3 +172,130 @@ async fn agent_admin_token_with_open_metrics() {
     let (status, _, body) = curl("POST", admin, "/reload", Some(TOKEN_A));
     assert_eq!(status, 200, "{body}");
 }
+
+/// `curl` over HTTPS to the admin endpoint: status code and body; `None` when the TLS
+/// handshake itself failed.
+fn curl_tls(
+    admin: SocketAddr,
+    path: &str,
+    pki: &Pki,
+    client: Option<&str>,
+) -> Option<(u16, String)> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-m", "5", "-o", "-", "-w", "\n%{http_code}"])
+        .arg("--cacert")
+        .arg(pki.path("ca.pem"));
+    if let Some(name) = client {
+        cmd.arg("--cert")
+            .arg(pki.path(&format!("{name}.pem")))
+            .arg("--key")
+            .arg(pki.path(&format!("{name}-key.pem")));
+    }
+    let out = cmd
+        .arg(format!("https://{admin}{path}"))
+        .output()
+        .expect("run curl");
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_owned()))
+}
+
+/// `admin.tls` with `client_ca`: HTTPS only; the probes answer anyone (load balancers have no
+/// certificate), everything else needs a client certificate from that CA (and the token); the
+/// console commands reach it with --cacert, --cert and --key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tls_with_client_certificates() {
+    let _serial = SERIAL.lock().await;
+    let pki = Pki::new();
+    let token_file = pki.write("admin.token", TOKEN_A);
+    let opts = DmzOptions {
+        admin_extra: format!(
+            "{}\n[admin.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            token_table(&token_file, false),
+            pki.path("dmz.pem").display().to_string(),
+            pki.path("dmz-key.pem").display().to_string(),
+            pki.path("ca.pem").display().to_string(),
+        ),
+        ..Default::default()
+    };
+    let config = pki.write("dmz-tls.toml", &opts.toml(&pki));
+    let _dmz = relay_e2e::process::Logged::spawn(&pki, "relay-dmz", &config, &[], "dmz-admin-tls");
+    let admin = opts.admin;
+    let up = wait_for(SETUP_LIMIT, || async move {
+        tokio::task::spawn_blocking(move || {
+            Command::new("curl")
+                .args(["-sk", "-m", "1", &format!("https://{admin}/livez")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .await
+        .unwrap_or(false)
+    })
+    .await;
+    assert!(up.is_some(), "https://{admin}/livez did not answer");
+
+    // Plain HTTP gets no answer; probes over HTTPS need no certificate.
+    assert_eq!(
+        curl_tls(admin, "/readyz", &pki, None).map(|r| r.0),
+        Some(503)
+    );
+    let plain = Command::new("curl")
+        .args(["-sS", "-m", "3", &format!("http://{admin}/metrics")])
+        .output()
+        .expect("run curl");
+    assert!(!plain.status.success(), "plain HTTP answered");
+
+    // Without a client certificate: 401 even for `status`; with one but without the token:
+    // 401; with both: the status.
+    let (code, body) =
+        curl_tls(admin, "/status", &pki, None).expect("handshake without a certificate");
+    assert_eq!((code, body.as_str()), (401, "unauthorized\n"));
+    assert_eq!(
+        curl_tls(admin, "/status", &pki, Some("engine-1")).map(|r| r.0),
+        Some(401)
+    );
+
+    let dir = pki.dir().display().to_string();
+    let console = |args: &[&str]| {
+        let out = Command::new(bin("relay-dmz"))
+            .args(args)
+            .args(["--config", &config.display().to_string()])
+            .output()
+            .expect("run relay-dmz");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = console(&["status"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--cacert"), "{out}");
+    let ca = format!("{dir}/ca.pem");
+    let (cert, key) = (
+        format!("{dir}/engine-1.pem"),
+        format!("{dir}/engine-1-key.pem"),
+    );
+    let (code, out) = console(&["status", "--cacert", &ca]);
+    assert_eq!(code, 2, "no client certificate: {out}");
+    assert!(out.contains("401"), "{out}");
+    let (code, out) = console(&[
+        "status", "--json", "--cacert", &ca, "--cert", &cert, "--key", &key,
+    ]);
+    assert_eq!(code, 1, "answered, not ready: {out}");
+    assert!(out.contains("\"binary\": \"relay-dmz\""), "{out}");
+
+    let scrape = std::process::Command::new("curl")
+        .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["--cacert", &ca, "--cert", &cert, "--key", &key])
+        .args(["-H", &format!("Authorization: Bearer {TOKEN_A}")])
+        .arg(format!("https://{admin}/metrics"))
+        .output()
+        .expect("run curl");
+    assert_eq!(String::from_utf8_lossy(&scrape.stdout), "200");
+    let (_, body) = curl_tls(admin, "/livez", &pki, None).expect("livez");
+    assert_eq!(body, "ok\n");
+}

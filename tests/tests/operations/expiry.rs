@@ -165,6 +165,27 @@ async fn certificates_and_crl_near_their_end_are_shown_and_warned_about() {
     );
     assert!(value(&agent_scrape, m::CERT_EXPIRY, &[("file", "tls.ca")]).is_some());
 
+    // Status: the agent's certificate with its time left, outside the DMZ's 8-day warning so not
+    // marked expiring; the CRL's 7 days are.
+    let (code, body) = http_get(dmz_opts.admin, "/status")
+        .await
+        .expect("GET /status");
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    let cert = &status["agents"][0]["certificate"];
+    assert_eq!(cert["subject"], "CN=engine-1", "{status}");
+    assert_eq!(cert["expiring"], false, "{status}");
+    assert!(
+        cert["left"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("9d") || l.starts_with("10d"))
+    );
+    let crl_row = status["certificates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["what"] == "tunnel.crl").cloned())
+        .expect("tunnel.crl in status");
+    assert_eq!(crl_row["expiring"], true, "{status}");
+
     // Logs: within 8 days on the DMZ (the CRL, not the agent's 10 days); within the default
     // 30 days on the agent (its own certificate).
     wait_log(&dmz, &["next update is due soon", "tunnel.crl"], "DMZ").await;

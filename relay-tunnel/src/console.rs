@@ -1,0 +1,515 @@
+//! The operator's commands of both binaries: `status`, `sessions`, `kill`, `drain`, `resume`.
+//! Each asks a running node's admin endpoint and prints tables (or the JSON with `--json`).
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// How long one request may take, connect included (by default).
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer read.
+const MAX_ANSWER: u64 = 16 << 20;
+
+/// Where the admin endpoint is and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `HOST:PORT` of the admin endpoint.
+    pub admin: String,
+    /// The bearer token, if the endpoint needs one.
+    pub token: Option<String>,
+    /// HTTPS, for an endpoint with `admin.tls`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Bound on connecting, and on each read and write.
+    pub timeout: Duration,
+}
+
+/// How the command reaches an HTTPS admin endpoint (`admin.tls`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// CA that signed the endpoint's certificate (`--cacert`); HTTPS when given.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (`--cert`, `--key`), for `admin.tls.client_ca`.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key.
+    pub key: Option<PathBuf>,
+}
+
+impl TlsOptions {
+    fn client_config(&self, uses_tls: bool) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+        let Some(ca) = &self.ca else {
+            if uses_tls || self.cert.is_some() {
+                return Err("the admin endpoint uses TLS (admin.tls): give the CA that signed its certificate with --cacert (and --cert and --key if it asks for client certificates)".into());
+            }
+            return Ok(None);
+        };
+        let roots = crate::tls::load_roots(ca).map_err(|e| e.to_string())?;
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let creds = crate::tls::Credentials::load(cert, key).map_err(|e| e.to_string())?;
+                builder
+                    .with_client_auth_cert(creds.chain().to_vec(), creds.key())
+                    .map_err(|e| format!("--cert and --key: {e}"))?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => return Err("--cert and --key go together".into()),
+        };
+        Ok(Some(Arc::new(config)))
+    }
+}
+
+impl Target {
+    /// `--admin` and `--token-file` when given; else `admin.listen` and `admin.token_file` of
+    /// the config file, when there is one; else `default_admin` and no token.
+    pub fn resolve(
+        admin: Option<String>,
+        token_file: Option<PathBuf>,
+        tls: &TlsOptions,
+        config: Option<&Path>,
+        default_admin: &str,
+    ) -> Result<Self, String> {
+        let table = match config {
+            Some(path) => admin_table(path)?,
+            _ => None,
+        };
+        let uses_tls = table.as_ref().is_some_and(|t| t.contains_key("tls"));
+        let from_config = |key: &str| {
+            table
+                .as_ref()
+                .and_then(|t| t.get(key))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        let admin = admin
+            .or_else(|| from_config("listen"))
+            .unwrap_or_else(|| default_admin.to_owned());
+        let token_file = token_file.or_else(|| {
+            let file = from_config("token_file")?;
+            let base = config?.parent().unwrap_or(Path::new("."));
+            Some(crate::config::resolve(base, &file))
+        });
+        let token = match token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let tls = tls.client_config(uses_tls)?;
+        Ok(Self {
+            admin,
+            token,
+            tls,
+            timeout: TIMEOUT,
+        })
+    }
+
+    /// `METHOD path` on the admin endpoint: status code and body.
+    pub fn request(&self, method: &str, path: &str) -> Result<(u16, String), String> {
+        let addr = self
+            .admin
+            .to_socket_addrs()
+            .map_err(|e| format!("{}: {e}", self.admin))?
+            .next()
+            .ok_or_else(|| format!("{}: no address", self.admin))?;
+        let tcp = TcpStream::connect_timeout(&addr, self.timeout)
+            .map_err(|e| format!("cannot reach the admin endpoint {addr}: {e}"))?;
+        tcp.set_read_timeout(Some(self.timeout))
+            .and_then(|()| tcp.set_write_timeout(Some(self.timeout)))
+            .map_err(|e| e.to_string())?;
+        let mut stream: Box<dyn ReadWrite> = match &self.tls {
+            None => Box::new(tcp),
+            Some(config) => {
+                let host = self
+                    .admin
+                    .rsplit_once(':')
+                    .map_or(self.admin.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| format!("{host}: {e}"))?;
+                let conn = rustls::ClientConnection::new(config.clone(), name)
+                    .map_err(|e| e.to_string())?;
+                Box::new(rustls::StreamOwned::new(conn, tcp))
+            }
+        };
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n",
+            self.admin
+        )
+        .map_err(|e| format!("{addr}: {e}"))?;
+        let mut answer = Vec::new();
+        stream
+            .take(MAX_ANSWER)
+            .read_to_end(&mut answer)
+            .map_err(|e| format!("{addr}: {e}"))?;
+        if answer.is_empty() && self.tls.is_none() {
+            return Err(format!(
+                "{addr}: no answer (an endpoint with admin.tls needs --cacert)"
+            ));
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("{addr}: not an HTTP answer"))?;
+        if status == 401 {
+            return Err(format!(
+                "{addr}: 401 unauthorized: give the admin token with --token-file (or --config with admin.token_file)"
+            ));
+        }
+        Ok((status, body.to_owned()))
+    }
+
+    /// `GET path` as JSON.
+    fn json(&self, path: &str) -> Result<Value, String> {
+        match self.request("GET", path)? {
+            (200, body) => serde_json::from_str(&body)
+                .map_err(|e| format!("{}{path}: not JSON: {e}", self.admin)),
+            (status, body) => Err(format!("{}{path}: {status} {}", self.admin, body.trim())),
+        }
+    }
+}
+
+/// A plain or a TLS connection.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// The `[admin]` table of a config file, if it has one.
+fn admin_table(path: &Path) -> Result<Option<toml::Table>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut doc: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(match doc.remove("admin") {
+        Some(toml::Value::Table(t)) => Some(t),
+        _ => None,
+    })
+}
+
+/// Lines of left-aligned columns, two spaces apart; the first row is the header.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => if *b { "yes" } else { "no" }.into(),
+        Value::Array(a) if a.is_empty() => "-".into(),
+        Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn header(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// An age or an uptime: "42s", "5m", "3h 2m", "12d 3h".
+fn duration(seconds: u64) -> String {
+    if seconds < 60 {
+        format!("{seconds}s")
+    } else {
+        crate::expiry::human_left(i64::try_from(seconds).unwrap_or(i64::MAX))
+    }
+}
+
+/// `status`: prints the node's status; `Ok(true)` when it is ready.
+pub fn status(target: &Target, json: bool) -> Result<bool, String> {
+    let s = target.json("/status")?;
+    let ready = s["ready"].as_bool().unwrap_or(false);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        return Ok(ready);
+    }
+    let state = if ready {
+        "ready".to_owned()
+    } else {
+        format!("NOT READY: {}", text(&s["reason"]))
+    };
+    println!(
+        "{} {} at {}: {state}; up {} (since {})",
+        text(&s["binary"]),
+        text(&s["version"]),
+        target.admin,
+        duration(s["uptime_seconds"].as_u64().unwrap_or(0)),
+        text(&s["started"]),
+    );
+    let empty = Vec::new();
+    let rows = |key: &str| s[key].as_array().unwrap_or(&empty).clone();
+    if s["binary"] == "relay-dmz" {
+        let mut t = vec![header(&[
+            "AGENT",
+            "INSTANCE",
+            "PEER",
+            "SINCE",
+            "INBOUND",
+            "OUTBOUND",
+            "SERVICES",
+            "CERT LEFT",
+        ])];
+        for a in rows("agents") {
+            t.push(vec![
+                text(&a["identity"]),
+                text(&a["instance"]),
+                text(&a["peer"]),
+                text(&a["connected_since"]),
+                text(&a["tunnels"]["inbound"]),
+                text(&a["tunnels"]["outbound"]),
+                text(&a["services"]),
+                text(&a["certificate"]["left"]),
+            ]);
+        }
+        println!("\n{}", table(&t));
+        let mut t = vec![header(&[
+            "SERVICE", "LISTEN", "OPEN", "AGENTS", "ACTIVE", "ACCEPTED", "REFUSED",
+        ])];
+        for v in rows("services") {
+            let open = if v["withdrawn"] == true {
+                "withdrawn".into()
+            } else {
+                text(&v["open"])
+            };
+            t.push(vec![
+                text(&v["name"]),
+                text(&v["listen"]),
+                open,
+                text(&v["agents"]),
+                text(&v["sessions_active"]),
+                text(&v["accepted"]),
+                text(&v["refused"]),
+            ]);
+        }
+        println!("{}", table(&t));
+        let l = &s["limits"];
+        println!(
+            "sessions {} of {}; per service {}; per source {}; over memory budget: {}\n",
+            text(&l["sessions"]["active"]),
+            text(&l["sessions"]["max"]),
+            text(&l["sessions_per_service"]),
+            text(&l["sessions_per_source"]),
+            text(&l["over_memory_budget"]),
+        );
+    } else {
+        let drained = if s["drained"] == true {
+            " (drained by an operator: POST /resume or `resume` to undo)"
+        } else {
+            ""
+        };
+        println!("instance {}{drained}", text(&s["instance"]));
+        let mut t = vec![header(&[
+            "DMZ",
+            "STATE",
+            "TUNNELS",
+            "SINCE",
+            "RTT MS",
+            "LAST ERROR",
+        ])];
+        for n in rows("dmz") {
+            let error = match &n["last_error"] {
+                Value::Null => "-".into(),
+                e => format!("{} ({})", text(&e["error"]), text(&e["at"])),
+            };
+            t.push(vec![
+                text(&n["address"]),
+                text(&n["state"]),
+                text(&n["tunnels"]),
+                text(&n["connected_since"]),
+                n["rtt_ms"]
+                    .as_f64()
+                    .map_or_else(|| "-".into(), |ms| format!("{ms:.1}")),
+                error,
+            ]);
+        }
+        println!("\n{}", table(&t));
+        let mut t = vec![header(&[
+            "SERVICE", "LISTEN", "TARGETS", "DECLARED", "NODES", "ACTIVE",
+        ])];
+        for v in rows("services") {
+            let targets: Vec<String> = v["targets"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|t| {
+                    let down = if t["up"] == true { "" } else { " (down)" };
+                    format!("{}{down}", text(&t["target"]))
+                })
+                .collect();
+            let nodes: Vec<String> = v["nodes"]
+                .as_object()
+                .map(|m| m.iter().map(|(n, v)| format!("{n}: {}", text(v))).collect())
+                .unwrap_or_default();
+            t.push(vec![
+                text(&v["name"]),
+                text(&v["listen"]),
+                targets.join(","),
+                text(&v["declared"]),
+                nodes.join("; "),
+                text(&v["sessions_active"]),
+            ]);
+        }
+        println!("{}", table(&t));
+        let outbound = rows("outbound");
+        if !outbound.is_empty() {
+            let mut t = vec![header(&["OUTBOUND", "LISTEN", "TARGET", "ACTIVE"])];
+            for o in outbound {
+                t.push(vec![
+                    text(&o["name"]),
+                    text(&o["listen"]),
+                    text(&o["target"]),
+                    text(&o["sessions_active"]),
+                ]);
+            }
+            println!("{}", table(&t));
+        }
+        if !s["outbound_proxy"].is_null() {
+            println!(
+                "outbound proxy (HTTP CONNECT, SOCKS5) on {}",
+                text(&s["outbound_proxy"])
+            );
+        }
+        println!(
+            "sessions {} of {}\n",
+            text(&s["limits"]["sessions"]["active"]),
+            text(&s["limits"]["sessions"]["max"]),
+        );
+    }
+    let mut t = vec![header(&["CERTIFICATE", "SUBJECT", "NOT AFTER", "LEFT"])];
+    for c in rows("certificates") {
+        let warn = if c["expiring"] == true { " (!)" } else { "" };
+        t.push(vec![
+            text(&c["what"]),
+            text(&c["subject"]),
+            text(&c["not_after"]),
+            format!("{}{warn}", text(&c["left"])),
+        ]);
+    }
+    print!("{}", table(&t));
+    Ok(ready)
+}
+
+/// `sessions`: prints the sessions being relayed.
+pub fn sessions(target: &Target, json: bool) -> Result<(), String> {
+    let s = target.json("/sessions")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        return Ok(());
+    }
+    let mut t = vec![header(&[
+        "ID",
+        "SERVICE",
+        "DIRECTION",
+        "PARTNER",
+        "VIA",
+        "STARTED",
+        "AGE",
+        "TO TARGET",
+        "TO PARTNER",
+    ])];
+    for x in s["sessions"].as_array().unwrap_or(&Vec::new()) {
+        t.push(vec![
+            text(&x["id"]),
+            text(&x["service"]),
+            text(&x["direction"]),
+            text(&x["partner"]),
+            text(&x["via"]),
+            text(&x["started"]),
+            duration(x["seconds"].as_u64().unwrap_or(0)),
+            text(&x["bytes_partner_to_target"]),
+            text(&x["bytes_target_to_partner"]),
+        ]);
+    }
+    print!("{}", table(&t));
+    Ok(())
+}
+
+/// `kill ID`, `drain`, `resume`: one request whose answer is a line of text.
+pub fn act(target: &Target, method: &str, path: &str) -> Result<String, String> {
+    match target.request(method, path)? {
+        (200, body) => Ok(body.trim().to_owned()),
+        (404, _) if matches!(path, "/drain" | "/resume") => {
+            Err("this binary has no drain/resume (the agent has)".into())
+        }
+        (status, body) => Err(format!("{status}: {}", body.trim())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_their_columns() {
+        let t = table(&[
+            header(&["A", "LONGER"]),
+            vec!["wide cell".into(), "x".into()],
+        ]);
+        assert_eq!(t, "A          LONGER\nwide cell  x\n");
+    }
+
+    #[test]
+    fn the_admin_address_and_token_come_from_the_config_unless_given() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "a-token-of-enough-length\n").unwrap();
+        let config = dir.path().join("relay.toml");
+        std::fs::write(
+            &config,
+            "[admin]\nlisten = \"127.0.0.1:9999\"\ntoken_file = \"token\"\n",
+        )
+        .unwrap();
+        let none = TlsOptions::default();
+        let t = Target::resolve(None, None, &none, Some(&config), "127.0.0.1:9090").unwrap();
+        assert_eq!(t.admin, "127.0.0.1:9999");
+        assert_eq!(t.token.as_deref(), Some("a-token-of-enough-length"));
+        let t = Target::resolve(
+            Some("10.0.0.1:1".into()),
+            None,
+            &none,
+            None,
+            "127.0.0.1:9090",
+        )
+        .unwrap();
+        assert_eq!((t.admin.as_str(), t.token), ("10.0.0.1:1", None));
+        let missing = Target::resolve(None, Some(dir.path().join("nope")), &none, None, "x:1");
+        assert!(missing.unwrap_err().contains("nope"));
+    }
+}
