@@ -471,6 +471,11 @@ impl Registry {
         rows
     }
 
+    /// Whether tunnel `carrier` is in the registry (registered and not drained or gone).
+    pub fn serves(&self, carrier: u64) -> bool {
+        lock(&self.inner).carrier_services.contains_key(&carrier)
+    }
+
     /// The services each tunnel serves, by tunnel id.
     pub fn services_of(&self, carrier: u64) -> Vec<String> {
         lock(&self.inner)

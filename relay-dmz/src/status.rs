@@ -53,6 +53,8 @@ struct AgentRow {
     tunnels: BTreeMap<&'static str, usize>,
     services: std::collections::BTreeSet<String>,
     certificate: Option<Value>,
+    /// It announced its drain (shutting down) on a tunnel that registered.
+    draining: bool,
 }
 
 impl Api for Node {
@@ -88,6 +90,7 @@ impl Api for Node {
                     connected_since: String::new(),
                     tunnels: BTreeMap::from([(m::INBOUND, 0), (m::OUTBOUND, 0)]),
                     services: Default::default(),
+                    draining: false,
                     certificate: t.chain.first().and_then(|leaf| {
                         let e = Expiry::of_certificate(&format!("agent {}", t.agent), leaf)?;
                         Some(e.status(warning))
@@ -98,6 +101,8 @@ impl Api for Node {
                 (row.since, row.peer) = (t.since, t.peer.to_string());
             }
             row.services.extend(self.registry.services_of(*id));
+            // Registered (it has an instance) but out of the registry: drained.
+            row.draining |= t.instance.is_some() && !self.registry.serves(*id);
         }
         let agents: Vec<AgentRow> = agents
             .into_values()

@@ -82,8 +82,8 @@ enum Command {
 /// Which admin endpoint an operator's command asks.
 #[derive(clap::Args)]
 struct AdminArgs {
-    /// Admin endpoint `HOST:PORT` [default: admin.listen of --config, else the binary's
-    /// default].
+    /// Admin endpoint: `HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT` [default:
+    /// admin.listen of --config, else the binary's default].
     #[arg(long)]
     admin: Option<String>,
     /// File holding the admin token [default: admin.token_file of --config].

@@ -91,6 +91,13 @@ impl Target {
         let admin = admin
             .or_else(|| from_config("listen"))
             .unwrap_or_else(|| default_admin.to_owned());
+        // A URL works too: `http://HOST:PORT`, or `https://HOST:PORT` (with --cacert).
+        let (admin, uses_tls) = match admin.split_once("://") {
+            Some(("https", rest)) => (rest.trim_end_matches('/').to_owned(), true),
+            Some(("http", rest)) => (rest.trim_end_matches('/').to_owned(), uses_tls),
+            Some((scheme, _)) => return Err(format!("--admin {admin}: unknown scheme {scheme:?}")),
+            None => (admin, uses_tls),
+        };
         let token_file = token_file.or_else(|| {
             let file = from_config("token_file")?;
             let base = config?.parent().unwrap_or(Path::new("."));
@@ -509,6 +516,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!((t.admin.as_str(), t.token), ("10.0.0.1:1", None));
+        let t = Target::resolve(Some("http://10.0.0.1:1/".into()), None, &none, None, "x:1");
+        assert_eq!(t.unwrap().admin, "10.0.0.1:1");
+        let https = Target::resolve(Some("https://10.0.0.1:1".into()), None, &none, None, "x:1");
+        assert!(https.unwrap_err().contains("--cacert"));
         let missing = Target::resolve(None, Some(dir.path().join("nope")), &none, None, "x:1");
         assert!(missing.unwrap_err().contains("nope"));
     }

@@ -299,5 +299,28 @@ async fn operators_see_status_and_sessions_kill_one_and_drain_an_agent() {
     .await;
     assert!(back.is_some(), "engine-1 takes no session after resume");
     running.finish().await.expect("clean close");
-    other.finish().await.expect("clean close");
+
+    // engine-2 shuts down while a session of it runs: the DMZ shows it draining until then.
+    let term = Command::new("kill")
+        .args(["-TERM", &agent_b.guard.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success());
+    let draining = wait_for(SETUP_LIMIT, || async {
+        let s = json("relay-dmz", &["status"], &dmz_config).await;
+        s["agents"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["identity"] == "engine-2" && x["draining"] == true)
+        })
+    })
+    .await;
+    assert!(
+        draining.is_some(),
+        "engine-2 not shown draining:\n{}",
+        dmz.tail(20)
+    );
+    other
+        .round_trip(b"during the drain")
+        .await
+        .expect("the session goes on");
 }
