@@ -217,7 +217,6 @@ pub async fn run(
     let shards = Shards::per_core("relay-dmz-shard")?;
     let policy = Arc::new(Policy::from_config(&config));
     let admin_guard = admin::Guard::new(config.admin_access.clone());
-    let sessions_cancel = CancellationToken::new();
     let node = Arc::new(Node {
         registry: Registry::new(
             config.public_bind,
@@ -232,7 +231,7 @@ pub async fn run(
         session_limit: Arc::new(Semaphore::new(config.limits.max_sessions)),
         admission: admission::Admission::new(config.limits),
         sessions: TaskTracker::new(),
-        sessions_cancel: sessions_cancel.clone(),
+        sessions_cancel: CancellationToken::new(),
         listeners: TaskTracker::new(),
         tunnels_cancel: CancellationToken::new(),
         shards: shards.handles(),
@@ -242,7 +241,7 @@ pub async fn run(
         draining: CancellationToken::new(),
         log_limit: relay_tunnel::ratelog::RateLimit::new(Duration::from_secs(1)),
         admin: admin_guard.clone(),
-        table: session::Table::new(sessions_cancel),
+        table: session::Table::new(),
         totals: Default::default(),
         started: std::time::SystemTime::now(),
     });

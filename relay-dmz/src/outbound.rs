@@ -135,9 +135,9 @@ async fn answer(
                     let dialed = partner
                         .peer_addr()
                         .map_or_else(|_| authority.to_owned(), |a| a.to_string());
-                    let listed =
-                        node.table
-                            .add(session, service, m::OUTBOUND, dialed, agent.to_owned());
+                    let listed = node
+                        .table
+                        .add(session, service, m::OUTBOUND, &dialed, agent);
                     relay(node, service, &listed, partner, send, request.into_body()).await
                 }
                 Err(_) => "reset",
@@ -369,7 +369,7 @@ async fn relay(
         recv,
         &counters,
         node.limits.pump(),
-        &listed.stop,
+        &node.sessions_cancel,
     )
     .await;
     active.decrement(1.0);

@@ -662,8 +662,8 @@ async fn relay(
         &meta.session,
         service,
         m::INBOUND,
-        meta.partner.to_string(),
-        carrier.agent.clone(),
+        &meta.partner.to_string(),
+        &carrier.agent,
     );
     let counters = PumpCounters::partner_socket(service, listed.progress.clone());
     // Sent while the session was being answered.
@@ -674,7 +674,7 @@ async fn relay(
         .fetch_add(early as u64, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     let (moved, result) = if tokio::runtime::Handle::current().id() == carrier.runtime.id() {
-        let stop = &listed.stop;
+        let stop = &node.sessions_cancel;
         pump::pump(
             partner,
             Bytes::new(),
@@ -687,7 +687,7 @@ async fn relay(
         .await
     } else {
         // Another tunnel than the one expected at accept time carries it: hop to its shard.
-        let stop = listed.stop.clone();
+        let stop = node.sessions_cancel.clone();
         pump::pump_on(
             &carrier.runtime,
             partner,
@@ -700,7 +700,8 @@ async fn relay(
         )
         .await
     };
-    let up = moved.to_stream + early as u64;
+    // The early bytes are in the session's count already.
+    let up = moved.to_stream;
     active.decrement(1.0);
     drop(busy);
     metrics::histogram!(m::SESSION_DURATION).record(started.elapsed().as_secs_f64());

@@ -247,8 +247,8 @@ async fn run(
         &meta.session,
         &service.name,
         m::INBOUND,
-        meta.partner.to_string(),
-        dmz.to_owned(),
+        &meta.partner.to_string(),
+        dmz,
     );
     let counters = PumpCounters::target_socket(&service.name, listed.progress.clone());
     let ran = pump::pump(
@@ -258,7 +258,7 @@ async fn run(
         request.into_body(),
         &counters,
         agent.limits.pump(),
-        &listed.stop,
+        &agent.stop_sessions,
     )
     .await;
     active.decrement(1.0);

@@ -291,7 +291,6 @@ pub async fn run(
     let metrics = relay_tunnel::telemetry::metrics_handle();
     relay_tunnel::metrics::build_info(env!("CARGO_PKG_NAME"));
     let admin_guard = admin::Guard::new(config.admin_access.clone());
-    let stop_sessions = CancellationToken::new();
     let agent = Arc::new(Agent {
         instance: format!("{:016x}", fastrand::u64(..)),
         settings: tokio::sync::watch::Sender::new(Arc::new(Settings::from_config(&config))),
@@ -305,13 +304,13 @@ pub async fn run(
         drain: CancellationToken::new(),
         drain_unconfirmed: TaskTracker::new(),
         stop_tunnels: CancellationToken::new(),
-        stop_sessions: stop_sessions.clone(),
+        stop_sessions: CancellationToken::new(),
         connected: Mutex::new(config.dmz.iter().map(|n| (n.addr.clone(), 0)).collect()),
         verdicts: Mutex::default(),
         log_limit: relay_tunnel::ratelog::RateLimit::new(std::time::Duration::from_secs(1)),
         config: Mutex::new(config.clone()),
         admin: admin_guard.clone(),
-        table: relay_tunnel::session::Table::new(stop_sessions.clone()),
+        table: relay_tunnel::session::Table::new(),
         paused: Default::default(),
         links: Default::default(),
         started: std::time::SystemTime::now(),

@@ -167,13 +167,9 @@ pub async fn relay(
         .record(started.elapsed().as_secs_f64());
     let active = metrics::gauge!(m::SESSIONS_ACTIVE, "service" => service.to_owned(), "direction" => m::OUTBOUND);
     active.increment(1.0);
-    let listed = agent.table.add(
-        session,
-        service,
-        m::OUTBOUND,
-        opened.dialed.clone(),
-        dmz.clone(),
-    );
+    let listed = agent
+        .table
+        .add(session, service, m::OUTBOUND, &opened.dialed, &dmz);
     let counters = PumpCounters::target_socket(service, listed.progress.clone());
     let (moved, result) = pump::pump_on(
         &opened.lease.carrier().runtime,
@@ -183,7 +179,7 @@ pub async fn relay(
         opened.recv,
         counters,
         agent.limits.pump(),
-        listed.stop.clone(),
+        agent.stop_sessions.clone(),
     )
     .await;
     drop(listed);

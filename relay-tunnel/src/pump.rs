@@ -149,7 +149,7 @@ pub struct PumpLimits {
 }
 
 /// Copies bytes both ways until both directions have ended, one side resets, a time limit
-/// runs out, or `stop` is cancelled. On error both sides are reset. `prefix` holds bytes
+/// runs out, `stop` is cancelled, or the session is killed (its [`Progress`]). On error both sides are reset. `prefix` holds bytes
 /// already read from the socket (after a proxy request or PROXY header); they are sent into
 /// the stream first. A panic inside (a bug) resets both sides too and is returned as
 /// [`PumpError::Panicked`], so the session is counted and nothing else is disturbed.
@@ -252,11 +252,8 @@ async fn copy_both_ways(
     let result = tokio::select! {
         r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
         e = watch => Err(e),
-        _ = stop.cancelled() => Err(if counters.progress.killed.load(Ordering::Relaxed) {
-            PumpError::Killed
-        } else {
-            PumpError::Stopped
-        }),
+        _ = stop.cancelled() => Err(PumpError::Stopped),
+        _ = counters.progress.kill.notified() => Err(PumpError::Killed),
     };
     match &result {
         Ok(()) => {}
@@ -599,21 +596,15 @@ mod tests {
             ..
         } = Session::new().await;
 
-        let table = session::Table::new(CancellationToken::new());
-        let entry = table.add(
-            "00000000000000c3",
-            "sftp",
-            m::INBOUND,
-            "-".into(),
-            "-".into(),
-        );
+        let table = session::Table::new();
+        let entry = table.add("00000000000000c3", "sftp", m::INBOUND, "-", "-");
         let counters = PumpCounters::partner_socket("sftp", entry.progress.clone());
         let limits = PumpLimits {
             idle_timeout: Duration::from_secs(60),
             half_closed_timeout: Duration::from_secs(60),
         };
         let pumping = tokio::spawn(async move {
-            let stop = entry.stop.clone();
+            let stop = CancellationToken::new();
             let (moved, result) =
                 pump(tcp, Bytes::new(), send, recv, &counters, limits, &stop).await;
             (moved, outcome(&result), result)
@@ -642,6 +633,7 @@ mod tests {
         let mut rest = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(10), peer.read_to_end(&mut rest)).await;
         assert!(matches!(read, Ok(Err(_))), "{read:?}");
+        drop(entry);
         assert!(table.is_empty());
     }
 }

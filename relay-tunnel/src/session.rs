@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 /// The HTTP/2 error code a pump resets its stream with when an operator killed the session, so
 /// that the other side records `killed` too. Outside the codes RFC 9113 defines; a peer that
@@ -21,15 +21,23 @@ pub const KILLED: &str = "killed";
 /// Shards of the table, so that sessions starting on different threads rarely share a lock.
 const SHARDS: usize = 16;
 
-/// What a session's pump moved so far, and whether it was killed.
+/// One session as its pump and the table see it: where it goes, what it moved so far, and
+/// whether an operator killed it. One allocation per session, shared by both.
 #[derive(Debug, Default)]
 pub struct Progress {
+    service: Box<str>,
+    direction: &'static str,
+    partner: Box<str>,
+    via: Box<str>,
+    started: Option<SystemTime>,
     /// Bytes from the partner toward the target.
     pub to_target: AtomicU64,
     /// Bytes from the target toward the partner.
     pub to_partner: AtomicU64,
-    /// Set by [`Table::kill`] before it cancels the session's stop token.
+    /// Set by [`Table::kill`] before it wakes the pump.
     pub killed: AtomicBool,
+    /// Wakes the pump of a killed session.
+    pub kill: Notify,
 }
 
 /// A session being relayed, as listed.
@@ -56,51 +64,28 @@ pub struct Listed {
     pub bytes_target_to_partner: u64,
 }
 
-struct Entry {
-    service: String,
-    direction: &'static str,
-    partner: String,
-    via: String,
-    started: SystemTime,
-    progress: Arc<Progress>,
-    stop: CancellationToken,
-}
-
-/// The sessions of a node.
+/// The sessions of a node, by id (16 hexadecimal digits, kept as the number they spell).
+#[derive(Debug)]
 pub struct Table {
-    shards: Vec<Mutex<HashMap<String, Entry>>>,
-    /// Every session's stop token is a child of this one (the node's end-of-drain reset).
-    root: CancellationToken,
-}
-
-impl std::fmt::Debug for Table {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Table").field("len", &self.len()).finish()
-    }
-}
-
-fn shard_of(id: &str) -> usize {
-    // Ids are random hex: their last character spreads them evenly.
-    id.bytes().last().map_or(0, |b| usize::from(b) % SHARDS)
+    shards: Vec<Mutex<HashMap<u64, Arc<Progress>>>>,
 }
 
 /// A session in the table; dropping it takes the session out.
 #[derive(Debug)]
 pub struct Registered {
     table: Arc<Table>,
-    id: String,
-    /// The session's byte counts, advanced by its pump.
+    /// `None` for an id that is not 16 hexadecimal digits (from a misbehaving peer): such a
+    /// session is relayed and counted, but not listed.
+    id: Option<u64>,
+    /// The session's entry, advanced by its pump.
     pub progress: Arc<Progress>,
-    /// Cancelled to stop the session: by the node's drain deadline or by [`Table::kill`].
-    pub stop: CancellationToken,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.table.shards[shard_of(&self.id)]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        if let Some(id) = self.id {
+            self.table.shard(id).remove(&id);
+        }
     }
 }
 
@@ -115,18 +100,27 @@ pub enum Kill {
     Malformed,
 }
 
-/// Whether `id` has the form of a session id.
-pub fn well_formed(id: &str) -> bool {
-    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
+/// The number a session id spells, if it is one (16 hexadecimal digits).
+fn parse_id(id: &str) -> Option<u64> {
+    if id.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(id, 16).ok()
 }
 
 impl Table {
-    /// An empty table whose sessions stop when `root` is cancelled.
-    pub fn new(root: CancellationToken) -> Arc<Self> {
+    /// An empty table.
+    pub fn new() -> Arc<Self> {
         Arc::new(Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            root,
         })
+    }
+
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Progress>>> {
+        // Ids are random: their low bits spread them evenly.
+        self.shards[(id as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Enters a session; it stays listed until the returned guard is dropped.
@@ -135,46 +129,40 @@ impl Table {
         id: &str,
         service: &str,
         direction: &'static str,
-        partner: String,
-        via: String,
+        partner: &str,
+        via: &str,
     ) -> Registered {
-        let progress = Arc::new(Progress::default());
-        let stop = self.root.child_token();
-        let entry = Entry {
-            service: service.to_owned(),
+        let progress = Arc::new(Progress {
+            service: service.into(),
             direction,
-            partner,
-            via,
-            started: SystemTime::now(),
-            progress: progress.clone(),
-            stop: stop.clone(),
-        };
-        self.shards[shard_of(id)]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned(), entry);
+            partner: partner.into(),
+            via: via.into(),
+            started: Some(SystemTime::now()),
+            ..Default::default()
+        });
+        let id = parse_id(id);
+        if let Some(id) = id {
+            self.shard(id).insert(id, progress.clone());
+        }
         Registered {
             table: self.clone(),
-            id: id.to_owned(),
+            id,
             progress,
-            stop,
         }
     }
 
-    /// Stops session `id` (its pump resets both sides, and it ends with the result
-    /// [`KILLED`]).
+    /// Stops session `id`: its pump resets both sides, and it ends with the result
+    /// [`KILLED`].
     pub fn kill(&self, id: &str) -> Kill {
-        if !well_formed(id) {
+        let Some(id) = parse_id(id) else {
             return Kill::Malformed;
-        }
-        let shard = self.shards[shard_of(id)]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let Some(entry) = shard.get(id) else {
+        };
+        let Some(progress) = self.shard(id).get(&id).cloned() else {
             return Kill::NotFound;
         };
-        entry.progress.killed.store(true, Ordering::Relaxed);
-        entry.stop.cancel();
+        progress.killed.store(true, Ordering::Relaxed);
+        // A permit if the pump is not waiting yet: it stops as soon as it looks.
+        progress.kill.notify_one();
         Kill::Killed
     }
 
@@ -182,21 +170,22 @@ impl Table {
     pub fn list(&self) -> Vec<Listed> {
         let now = SystemTime::now();
         let mut all: Vec<(SystemTime, Listed)> = Vec::new();
-        for shard in &self.shards {
-            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            all.extend(shard.iter().map(|(id, e)| {
+        for i in 0..SHARDS {
+            let shard = self.shard(i as u64);
+            all.extend(shard.iter().map(|(id, p)| {
+                let started = p.started.unwrap_or(now);
                 (
-                    e.started,
+                    started,
                     Listed {
-                        id: id.clone(),
-                        service: e.service.clone(),
-                        direction: e.direction,
-                        partner: e.partner.clone(),
-                        via: e.via.clone(),
-                        started: humantime::format_rfc3339_seconds(e.started).to_string(),
-                        seconds: now.duration_since(e.started).map_or(0, |d| d.as_secs()),
-                        bytes_partner_to_target: e.progress.to_target.load(Ordering::Relaxed),
-                        bytes_target_to_partner: e.progress.to_partner.load(Ordering::Relaxed),
+                        id: format!("{id:016x}"),
+                        service: p.service.to_string(),
+                        direction: p.direction,
+                        partner: p.partner.to_string(),
+                        via: p.via.to_string(),
+                        started: humantime::format_rfc3339_seconds(started).to_string(),
+                        seconds: now.duration_since(started).map_or(0, |d| d.as_secs()),
+                        bytes_partner_to_target: p.to_target.load(Ordering::Relaxed),
+                        bytes_target_to_partner: p.to_partner.load(Ordering::Relaxed),
                     },
                 )
             }));
@@ -208,9 +197,11 @@ impl Table {
     /// Sessions now, by service and direction.
     pub fn active(&self) -> HashMap<(String, &'static str), usize> {
         let mut counts = HashMap::new();
-        for shard in &self.shards {
-            for e in shard.lock().unwrap_or_else(|p| p.into_inner()).values() {
-                *counts.entry((e.service.clone(), e.direction)).or_default() += 1;
+        for i in 0..SHARDS {
+            for p in self.shard(i as u64).values() {
+                *counts
+                    .entry((p.service.to_string(), p.direction))
+                    .or_default() += 1;
             }
         }
         counts
@@ -218,10 +209,7 @@ impl Table {
 
     /// How many sessions are listed.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        (0..SHARDS).map(|i| self.shard(i as u64).len()).sum()
     }
 
     /// Whether no session is listed.
@@ -236,45 +224,40 @@ mod tests {
 
     #[test]
     fn sessions_are_listed_until_dropped_and_killed_by_id() {
-        let root = CancellationToken::new();
-        let table = Table::new(root.clone());
+        let table = Table::new();
         let a = table.add(
             "00000000000000a1",
             "sftp",
             "inbound",
-            "192.0.2.7:5000".into(),
-            "engine-1".into(),
+            "192.0.2.7:5000",
+            "engine-1",
         );
         let b = table.add(
             "00000000000000b2",
             "as2",
             "outbound",
-            "198.51.100.1:443".into(),
-            "engine-1".into(),
+            "198.51.100.1:443",
+            "engine-1",
         );
+        // From a misbehaving peer: relayed and counted, not listed.
+        let odd = table.add("not-hex", "as2", "outbound", "-", "engine-1");
         a.progress.to_target.fetch_add(10, Ordering::Relaxed);
         let listed = table.list();
         assert_eq!(listed.len(), 2);
+        let sftp = listed.iter().find(|l| l.service == "sftp").unwrap();
         assert_eq!(
-            listed
-                .iter()
-                .find(|l| l.service == "sftp")
-                .unwrap()
-                .bytes_partner_to_target,
-            10
+            (sftp.id.as_str(), sftp.bytes_partner_to_target),
+            ("00000000000000a1", 10)
         );
         assert_eq!(table.active()[&("as2".to_owned(), "outbound")], 1);
 
         assert_eq!(table.kill("not-an-id"), Kill::Malformed);
         assert_eq!(table.kill("00000000000000ff"), Kill::NotFound);
         assert_eq!(table.kill("00000000000000a1"), Kill::Killed);
-        assert!(a.stop.is_cancelled() && !b.stop.is_cancelled());
         assert!(a.progress.killed.load(Ordering::Relaxed));
-        drop(a);
+        assert!(!b.progress.killed.load(Ordering::Relaxed));
+        drop((a, odd));
         assert_eq!(table.len(), 1);
-        // The node's drain deadline stops every session.
-        root.cancel();
-        assert!(b.stop.is_cancelled() && !b.progress.killed.load(Ordering::Relaxed));
         drop(b);
         assert!(table.is_empty());
     }

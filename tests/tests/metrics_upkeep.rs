@@ -54,7 +54,7 @@ async fn histogram_samples_are_drained_without_a_scrape() {
     let control = admin::start(
         None,
         admin::Guard::new(admin::Access::default()),
-        Arc::new(Idle(session::Table::new(CancellationToken::new()))),
+        Arc::new(Idle(session::Table::new())),
         metrics.clone(),
         &shutdown,
     );
