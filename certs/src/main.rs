@@ -162,7 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<Vec<PathBuf>> {
 fn expiry(args: &ExpiryArgs) -> ExitCode {
     use relay_tunnel::expiry::{Expiry, Kind, human_left};
     let now = std::time::SystemTime::now();
-    let mut rows = vec![[
+    let mut rows = vec![vec![
         "FILE".to_owned(),
         "KIND".into(),
         "SUBJECT".into(),
@@ -197,7 +197,7 @@ fn expiry(args: &ExpiryArgs) -> ExitCode {
                 Kind::Certificate => "certificate",
                 Kind::Crl => "crl",
             };
-            rows.push([
+            rows.push(vec![
                 what.clone(),
                 kind.into(),
                 e.subject.clone(),
@@ -206,17 +206,7 @@ fn expiry(args: &ExpiryArgs) -> ExitCode {
             ]);
         }
     }
-    let widths: Vec<usize> = (0..5)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print!("{}", relay_tunnel::console::table(&rows));
     if soon {
         ExitCode::FAILURE
     } else {

@@ -14,6 +14,7 @@ pub mod pem;
 pub mod process;
 pub mod procfs;
 pub mod targets;
+pub mod tools;
 
 pub use admin::{http_get, http_post, metric, metrics_text, readyz};
 

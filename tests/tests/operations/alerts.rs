@@ -9,8 +9,6 @@ use std::process::Command;
 
 use relay_tunnel::metrics as m;
 
-use crate::dashboard::METRICS;
-
 /// `docs/prometheus`.
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/prometheus")
@@ -28,15 +26,11 @@ fn promtool_or_skip(test: &str) -> Option<PathBuf> {
         .chain(["/usr/bin", "/usr/local/bin"].map(PathBuf::from))
         .map(|d| d.join("promtool"))
         .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: promtool is not installed (apt-get install prometheus); CI must run this test"
-        );
-        println!("{test}: SKIPPED: promtool is not installed (apt-get install prometheus)");
-        eprintln!("{test}: SKIPPED: promtool is not installed (apt-get install prometheus)");
-    }
-    found
+    relay_e2e::tools::or_skip(
+        test,
+        found,
+        "promtool is not installed (apt-get install prometheus)",
+    )
 }
 
 /// Runs `promtool ARGS FILE`; panics with its output unless it succeeds.
@@ -179,22 +173,7 @@ fn every_alert_is_complete_tested_documented_and_names_existing_metrics() {
     let metric_re = regex::Regex::new(r"\brelay_[a-z0-9_]+").expect("regex");
     let mut used = BTreeSet::new();
     for name in metric_re.find_iter(&text).map(|m| m.as_str()) {
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .filter(|f| METRICS.contains(f))
-            .unwrap_or(name);
-        assert!(
-            METRICS.contains(&family),
-            "alerts.yml: unknown metric {name}"
-        );
-        if name != family {
-            assert!(
-                [m::TUNNEL_RTT, m::SESSION_SETUP, m::SESSION_DURATION].contains(&family),
-                "alerts.yml: {name} is not a histogram series"
-            );
-        }
-        used.insert(family);
+        used.insert(crate::dashboard::family(name, "alerts.yml"));
     }
     for required in [
         m::BUILD_INFO,

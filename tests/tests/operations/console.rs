@@ -48,6 +48,32 @@ async fn json(binary: &str, args: &[&str], config: &Path) -> serde_json::Value {
     v
 }
 
+/// A session through `public` that the target tagged `tag` answers (sessions spread over the
+/// agents, so a few tries find it).
+async fn open_on(public: SocketAddr, tag: u8) -> OpenSession {
+    loop {
+        let s = OpenSession::open(public).await.expect("session");
+        if s.tag == tag {
+            return s;
+        }
+    }
+}
+
+/// Waits until `agent` wrote the audit record of session `id` with the outcome `killed`.
+async fn wait_killed_audit(agent: &Logged, id: &str, what: &str) {
+    let audited = wait_for(EXCHANGE_LIMIT, || async {
+        agent.stderr_text().lines().any(|l| {
+            l.contains("relay::audit") && l.contains(id) && l.contains("outcome=\"killed\"")
+        })
+    })
+    .await;
+    assert!(
+        audited.is_some(),
+        "{what}: no audit record of {id} with outcome=killed:\n{}",
+        agent.tail(20)
+    );
+}
+
 /// The tags of `n` sessions through `public`.
 async fn tags(public: SocketAddr, n: usize) -> Vec<u8> {
     let mut tags = Vec::new();
@@ -191,23 +217,10 @@ async fn operators_see_status_and_sessions_kill_one_and_drain_an_agent() {
         )
         .await;
     }
-    let audited = wait_for(EXCHANGE_LIMIT, || async {
-        agent_a.stderr_text().lines().any(|l| {
-            l.contains("relay::audit") && l.contains(&id) && l.contains("outcome=\"killed\"")
-        })
-    })
-    .await;
-    assert!(
-        audited.is_some(),
-        "no audit record with outcome=killed:\n{}",
-        agent_a.tail(20)
-    );
+    wait_killed_audit(&agent_a, &id, "a session killed at its agent").await;
 
     // The same from the DMZ's side: the agent's audit record says killed too.
-    let mut doomed = OpenSession::open(public).await.expect("session");
-    while doomed.tag != b'B' {
-        doomed = OpenSession::open(public).await.expect("session");
-    }
+    let mut doomed = open_on(public, b'B').await;
     doomed.round_trip(b"x").await.expect("round trip");
     // The other session on engine-2 moved 1010 bytes toward the target; this one 1.
     let listed = json("relay-dmz", &["sessions"], &dmz_config).await;
@@ -224,17 +237,7 @@ async fn operators_see_status_and_sessions_kill_one_and_drain_an_agent() {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(EXCHANGE_LIMIT, doomed.stream.read_to_end(&mut rest)).await;
     assert!(matches!(read, Ok(Err(_))), "reset from the DMZ: {read:?}");
-    let audited = wait_for(EXCHANGE_LIMIT, || async {
-        agent_b.stderr_text().lines().any(|l| {
-            l.contains("relay::audit") && l.contains(&doomed_id) && l.contains("outcome=\"killed\"")
-        })
-    })
-    .await;
-    assert!(
-        audited.is_some(),
-        "engine-2's audit record of a session killed at the DMZ:\n{}",
-        agent_b.tail(20)
-    );
+    wait_killed_audit(&agent_b, &doomed_id, "a session killed at the DMZ").await;
     other
         .round_trip(b"still here")
         .await
@@ -266,10 +269,7 @@ async fn operators_see_status_and_sessions_kill_one_and_drain_an_agent() {
 
     // Drain engine-1: new sessions go to engine-2, its running session goes on; status says
     // so and exits 1 (not ready). Resume: engine-1 takes sessions again.
-    let mut running = OpenSession::open(public).await.expect("session");
-    while running.tag != b'A' {
-        running = OpenSession::open(public).await.expect("session");
-    }
+    let mut running = open_on(public, b'A').await;
     let (code, out) = run("relay-internal", &["drain", "--config", &a_cfg]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("drained"), "{out}");

@@ -51,6 +51,24 @@ const REQUIRED: &[&str] = &[
     m::AGENT_CERT_EXPIRY,
 ];
 
+/// The metric family of a series name `name` found in `place`; panics unless it is one of
+/// [`METRICS`], or a histogram's `_bucket`, `_sum` or `_count` series.
+pub(crate) fn family<'a>(name: &'a str, place: &str) -> &'a str {
+    let family = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .filter(|f| METRICS.contains(f))
+        .unwrap_or(name);
+    assert!(METRICS.contains(&family), "{place}: unknown metric {name}");
+    if name != family {
+        assert!(
+            [m::TUNNEL_RTT, m::SESSION_SETUP, m::SESSION_DURATION].contains(&family),
+            "{place}: {name} is not a histogram series"
+        );
+    }
+    family
+}
+
 fn dashboard() -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana/relay.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -123,21 +141,7 @@ fn grafana_dashboard_queries_existing_metrics() {
                 "panel {title:?}: {expr} names no relay metric"
             );
             for name in names {
-                let family = ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .find_map(|s| name.strip_suffix(s))
-                    .filter(|f| METRICS.contains(f))
-                    .unwrap_or(name);
-                assert!(
-                    METRICS.contains(&family),
-                    "panel {title:?}: unknown metric {name} in {expr}"
-                );
-                if name != family {
-                    assert!(
-                        [m::TUNNEL_RTT, m::SESSION_SETUP, m::SESSION_DURATION].contains(&family),
-                        "panel {title:?}: {name} is not a histogram series"
-                    );
-                }
+                let family = family(name, &format!("panel {title:?} ({expr})"));
                 if expr.contains("histogram_quantile") && name == family {
                     panic!("panel {title:?}: histogram_quantile over {name} needs {name}_bucket");
                 }
