@@ -55,6 +55,7 @@ struct Raw {
     policy: RawPolicy,
     #[serde(default)]
     limits: RawLimits,
+    sandbox: Option<relay_tunnel::sandbox::RawSandbox>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +159,11 @@ pub struct DmzConfig {
     pub deny: Vec<ipnet::IpNet>,
     /// Session and timeout limits.
     pub limits: Limits,
+    /// `[sandbox]`.
+    pub sandbox: relay_tunnel::sandbox::Settings,
+    /// The files this config names (certificates, key, CA, CRL, admin files), read again on
+    /// reload.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// `[limits]`.
@@ -282,6 +288,16 @@ fn duration(err: &mut ConfigError, key: &str, raw: &Option<String>, default: Dur
 
 fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
     let mut err = ConfigError::default();
+    let files = [&raw.tunnel.cert, &raw.tunnel.key, &raw.tunnel.ca]
+        .into_iter()
+        .chain(&raw.tunnel.crl)
+        .map(|f| cfg::resolve(base, f))
+        .chain(relay_tunnel::admin::RawAdmin::files(
+            raw.admin.as_ref(),
+            base,
+        ))
+        .collect();
+    let sandbox = relay_tunnel::sandbox::RawSandbox::check(raw.sandbox.as_ref(), &mut err);
     let tunnel_listen = err.check(
         "tunnel.listen",
         raw.tunnel
@@ -516,5 +532,7 @@ fn check(raw: Raw, base: &Path) -> Result<DmzConfig, ConfigError> {
         trusted_proxies,
         deny,
         limits,
+        sandbox,
+        files,
     })
 }

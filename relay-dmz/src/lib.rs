@@ -12,6 +12,7 @@ pub mod pending;
 pub mod registry;
 mod reload;
 pub mod rights;
+mod sandbox;
 mod status;
 pub mod tunnel;
 

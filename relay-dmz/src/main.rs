@@ -11,6 +11,7 @@ fn main() -> ExitCode {
         "relay DMZ node: public listeners gated by agent tunnels",
         "127.0.0.1:9090",
         DmzConfig::load,
+        |config| (config.sandbox, config.sandbox_rules()),
         |config, shutdown| async move {
             let listeners = Listeners::bind(&config)
                 .await

@@ -17,8 +17,15 @@ fn apply(node: &Node) -> Result<String, String> {
     let Some(path) = current.source.clone() else {
         return Err("this node was not started from a config file".into());
     };
-    let mut new = DmzConfig::load(&path)
-        .map_err(|e| format!("{}: {}", path.display(), e.to_string().replace('\n', "; ")))?;
+    let mut new = DmzConfig::load(&path).map_err(|e| {
+        relay_tunnel::sandbox::explain_denied(format!(
+            "{}: {}",
+            path.display(),
+            e.to_string().replace('\n', "; ")
+        ))
+    })?;
+    relay_tunnel::sandbox::reload_check(&new.sandbox_rules())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut restart = Vec::new();
     if new.tunnel_listen != current.tunnel_listen {
         restart.push("tunnel.listen");
@@ -34,6 +41,9 @@ fn apply(node: &Node) -> Result<String, String> {
     }
     if new.limits != current.limits {
         restart.push("limits");
+    }
+    if new.sandbox != current.sandbox {
+        restart.push("sandbox");
     }
     node.admin.set(new.admin_access.clone());
     let policy = Arc::new(Policy::from_config(&new));
@@ -64,6 +74,7 @@ fn apply(node: &Node) -> Result<String, String> {
     new.public_bind = current.public_bind;
     new.keepalive = current.keepalive;
     new.limits = current.limits;
+    new.sandbox = current.sandbox;
     relay_tunnel::expiry::publish(&new.expiries);
     relay_tunnel::expiry::warn_all(&new.expiries, new.expiry_warning);
     *current = new;

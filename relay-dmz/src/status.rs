@@ -164,6 +164,7 @@ impl Api for Node {
             },
             "sessions_active": self.table.len(),
             "certificates": certificates,
+            "sandbox": relay_tunnel::sandbox::applied(),
         })
     }
 }

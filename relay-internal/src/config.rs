@@ -67,6 +67,7 @@ struct Raw {
     outbound: Vec<RawOutbound>,
     outbound_proxy: Option<RawProxy>,
     audit: Option<crate::syslog::RawAudit>,
+    sandbox: Option<relay_tunnel::sandbox::RawSandbox>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -384,9 +385,30 @@ pub struct AgentConfig {
     pub tls_outbound: Arc<rustls::ClientConfig>,
     /// Where audit records go as syslog (`[audit]`), besides the log.
     pub audit: Option<crate::syslog::SyslogConfig>,
+    /// `[sandbox]`.
+    pub sandbox: relay_tunnel::sandbox::Settings,
+    /// The files this config names (certificates, keys, CAs, admin files), read again on
+    /// reload.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 impl AgentConfig {
+    /// The sandbox rules of the agent: reading its config and the files it names. Ports are
+    /// not restricted: targets, health checks and DMZ nodes are dialed by name, and entry
+    /// points are bound where the config says.
+    pub fn sandbox_rules(&self) -> relay_tunnel::sandbox::Rules {
+        relay_tunnel::sandbox::Rules {
+            files: self
+                .source
+                .iter()
+                .cloned()
+                .chain(self.files.clone())
+                .collect(),
+            bind: None,
+            connect: None,
+        }
+    }
+
     /// Reads and checks the config at `path`; relative paths are taken from its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let raw: Raw = cfg::read_toml(path, DMZ_CONFIG)?;
@@ -515,6 +537,21 @@ fn server_name(s: &str) -> Result<ServerName<'static>, String> {
 
 fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
     let mut err = ConfigError::default();
+    let health_cas = raw
+        .inbound
+        .iter()
+        .filter_map(|i| i.health.as_ref()?.ca.as_ref());
+    let files = [&raw.tls.cert, &raw.tls.key, &raw.tls.ca]
+        .into_iter()
+        .chain(health_cas)
+        .map(|f| cfg::resolve(base, f))
+        .chain(relay_tunnel::admin::RawAdmin::files(
+            raw.admin.as_ref(),
+            base,
+        ))
+        .chain(raw.audit.as_ref().and_then(|a| a.ca(base)))
+        .collect();
+    let sandbox = relay_tunnel::sandbox::RawSandbox::check(raw.sandbox.as_ref(), &mut err);
     if raw.dmz.is_empty() {
         err.push("dmz", "at least one DMZ node address is required");
     }
@@ -781,6 +818,8 @@ fn check(raw: Raw, base: &Path) -> Result<AgentConfig, ConfigError> {
         expiries,
         limits,
         inbound,
+        sandbox,
+        files,
     })
 }
 

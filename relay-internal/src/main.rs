@@ -11,6 +11,7 @@ fn main() -> ExitCode {
         "relay agent: dials the DMZ nodes and serves partner sessions",
         "127.0.0.1:9091",
         AgentConfig::load,
+        |config| (config.sandbox, config.sandbox_rules()),
         |config, shutdown| async move {
             let admin = match config.admin_listen {
                 Some(addr) => Some(

@@ -17,8 +17,15 @@ fn apply(agent: &Agent) -> Result<String, String> {
     let Some(path) = current.source.clone() else {
         return Err("this agent was not started from a config file".into());
     };
-    let mut new = AgentConfig::load(&path)
-        .map_err(|e| format!("{}: {}", path.display(), e.to_string().replace('\n', "; ")))?;
+    let mut new = AgentConfig::load(&path).map_err(|e| {
+        relay_tunnel::sandbox::explain_denied(format!(
+            "{}: {}",
+            path.display(),
+            e.to_string().replace('\n', "; ")
+        ))
+    })?;
+    relay_tunnel::sandbox::reload_check(&new.sandbox_rules())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut restart = Vec::new();
     if new.dmz != current.dmz || new.connections != current.connections {
         restart.push("dmz/connections");
@@ -34,6 +41,9 @@ fn apply(agent: &Agent) -> Result<String, String> {
     }
     if new.audit != current.audit {
         restart.push("audit");
+    }
+    if new.sandbox != current.sandbox {
+        restart.push("sandbox");
     }
     // By their Debug text: a TLS health check holds a rustls config, which has no equality.
     // The new settings apply either way; this only decides whether the DMZ nodes are told.
@@ -52,6 +62,7 @@ fn apply(agent: &Agent) -> Result<String, String> {
     new.outbound = std::mem::take(&mut current.outbound);
     new.outbound_proxy = current.outbound_proxy;
     new.audit = current.audit.take();
+    new.sandbox = current.sandbox;
     crate::zero_sessions(&new);
     relay_tunnel::expiry::publish(&new.expiries);
     relay_tunnel::expiry::warn_all(&new.expiries, new.expiry_warning);

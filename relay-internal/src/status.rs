@@ -231,6 +231,7 @@ impl Api for Agent {
                 },
             },
             "certificates": certificates,
+            "sandbox": relay_tunnel::sandbox::applied(),
         })
     }
 }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 use crate::console;
+use crate::sandbox;
 use crate::telemetry::{self, LogFormat};
 
 /// Exit code for a bad config or command line (EX_USAGE).
@@ -31,6 +32,10 @@ struct Cli {
 enum Command {
     /// Check the config and print every problem; exit 0 if valid, 64 if not.
     Check,
+    /// Confine this process as the config would confine the node, try what the sandbox must
+    /// deny and what it must allow, and print what the kernel answered; exit 0 if every
+    /// operation came out as promised, 1 if not.
+    SandboxCheck,
     /// Ask a running node's admin endpoint whether it is healthy; exit 0 if it answers 200
     /// (for container health checks: needs no shell and no curl).
     Health {
@@ -100,13 +105,15 @@ struct AdminArgs {
     key: Option<PathBuf>,
 }
 
-/// Parses the command line and runs the binary `name`: `load` reads the config, `serve` runs
-/// it until the shutdown token (cancelled by SIGINT/SIGTERM) is cancelled.
+/// Parses the command line and runs the binary `name`: `load` reads the config, `confine`
+/// says how its process is confined, `serve` runs it until the shutdown token (cancelled by
+/// SIGINT/SIGTERM) is cancelled.
 pub fn main<C, F, Fut>(
     name: &'static str,
     about: &'static str,
     default_admin: &'static str,
     load: impl Fn(&Path) -> Result<C, ConfigError>,
+    confine: impl Fn(&C) -> (sandbox::Settings, sandbox::Rules),
     serve: F,
 ) -> ExitCode
 where
@@ -210,7 +217,32 @@ where
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
+    let (settings, rules) = confine(&config);
+    if let Some(Command::SandboxCheck) = cli.command {
+        return match sandbox::apply(settings, &rules) {
+            Ok(applied) if sandbox::check(applied, &path) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("{name}: sandbox: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     telemetry::init_tracing(cli.log_format);
+    // Before the runtime starts its threads: they inherit the confinement.
+    match sandbox::apply(settings, &rules) {
+        Ok(applied) if applied.mode == sandbox::Mode::Enforce && !applied.fully_enforced() => {
+            tracing::warn!("sandbox: {applied}: this kernel confines the process only in part")
+        }
+        Ok(applied) if applied.mode == sandbox::Mode::Enforce => {
+            tracing::info!("sandbox: {applied}")
+        }
+        Ok(applied) => tracing::warn!("sandbox: {applied}: the process is not confined"),
+        Err(e) => {
+            tracing::error!("sandbox: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

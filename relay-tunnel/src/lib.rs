@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod proxyproto;
 pub mod pump;
 pub mod ratelog;
+pub mod sandbox;
 pub mod session;
 pub mod shards;
 pub mod signals;

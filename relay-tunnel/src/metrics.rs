@@ -37,6 +37,9 @@ pub const CONFIG_RELOADS: &str = "relay_config_reloads_total";
 /// Gauge: always 1, labelled with the `version` and the `binary` (`relay-dmz`,
 /// `relay-internal`).
 pub const BUILD_INFO: &str = "relay_build_info";
+/// Gauge: 1 where a part of the process's sandbox is in force, 0 where it is not, labelled
+/// `part` (`landlock`, `seccomp`).
+pub const SANDBOX_ENFORCED: &str = "relay_sandbox_enforced";
 /// Gauge: the Unix time after which a TLS file of the node's config stops working (the
 /// earliest notAfter of the certificates in it; a CRL's nextUpdate), labelled `file` with its
 /// config key (`tunnel.cert`, `tunnel.ca`, `tunnel.crl` on the DMZ; `tls.cert`, `tls.ca` on
@@ -260,6 +263,10 @@ pub fn describe() {
     );
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
     describe_gauge!(
+        SANDBOX_ENFORCED,
+        "1 where a part of the sandbox (landlock, seccomp) is in force."
+    );
+    describe_gauge!(
         CERT_EXPIRY,
         Unit::Seconds,
         "Unix time after which a TLS file of the config stops working (notAfter; a CRL's nextUpdate)."
@@ -276,5 +283,12 @@ pub fn describe() {
 pub fn build_info(binary: &'static str) {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "binary" => binary)
         .set(1.0);
+    let applied = crate::sandbox::applied();
+    for (part, on) in [
+        ("landlock", applied.is_some_and(|a| a.landlock_enforced)),
+        ("seccomp", applied.is_some_and(|a| a.seccomp_enforced)),
+    ] {
+        metrics::gauge!(SANDBOX_ENFORCED, "part" => part).set(if on { 1.0 } else { 0.0 });
+    }
     zero_counters(binary);
 }

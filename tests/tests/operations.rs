@@ -27,6 +27,8 @@ mod metrics;
 mod reload_agent;
 #[path = "operations/reload_dmz.rs"]
 mod reload_dmz;
+#[path = "operations/sandbox.rs"]
+mod sandbox;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

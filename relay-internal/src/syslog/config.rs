@@ -28,6 +28,11 @@ pub struct RawAudit {
 }
 
 impl RawAudit {
+    /// `audit.ca`, resolved against `base`.
+    pub fn ca(&self, base: &Path) -> Option<std::path::PathBuf> {
+        self.ca.as_ref().map(|ca| cfg::resolve(base, ca))
+    }
+
     /// A table that names the collector `syslog` and leaves every other key at its default.
     pub fn new(syslog: &str) -> Self {
         Self {

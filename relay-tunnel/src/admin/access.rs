@@ -107,6 +107,24 @@ impl RawAdmin {
         (listen, access)
     }
 
+    /// The files an `[admin]` table names (token, HTTPS certificate, key and client CA), which
+    /// a reload reads again.
+    pub fn files(raw: Option<&Self>, base: &Path) -> Vec<std::path::PathBuf> {
+        let Some(raw) = raw else {
+            return Vec::new();
+        };
+        let tls = raw.tls.iter().flat_map(|t| {
+            [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()]
+                .into_iter()
+                .flatten()
+        });
+        raw.token_file
+            .iter()
+            .chain(tls)
+            .map(|f| crate::config::resolve(base, f))
+            .collect()
+    }
+
     /// `admin.expiry_warning`: how long before a certificate or the CRL stops working the log
     /// warns about it (default [`crate::expiry::DEFAULT_WARNING`], also without `[admin]`).
     pub fn expiry_warning(raw: Option<&Self>, err: &mut ConfigError) -> Duration {

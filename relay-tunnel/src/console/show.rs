@@ -75,6 +75,14 @@ pub fn status(target: &Target, json: bool) -> Result<bool, String> {
         duration(s["uptime_seconds"].as_u64().unwrap_or(0)),
         text(&s["started"]),
     );
+    if let Some(sandbox) = s["sandbox"].as_object() {
+        println!(
+            "sandbox: mode {}; Landlock: {}; seccomp: {}",
+            text(&sandbox["mode"]),
+            text(&sandbox["landlock"]),
+            text(&sandbox["seccomp"]),
+        );
+    }
     let empty = Vec::new();
     let rows = |key: &str| s[key].as_array().unwrap_or(&empty).clone();
     if s["binary"] == "relay-dmz" {

@@ -34,6 +34,7 @@ pub(crate) const METRICS: &[&str] = &[
     m::SERVICE_DECLARED,
     m::WITHDRAWALS,
     m::TARGET_FAILOVERS,
+    m::SANDBOX_ENFORCED,
 ];
 
 /// Metrics the dashboard must show (the panels operators asked for).
